@@ -24,7 +24,7 @@ demo: install
 	bash scripts/demo.sh $(DEMO_DIR)
 
 test: install
-	$(BIN)/ruff check kfacbound tests scripts benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 lint: install
