@@ -145,10 +145,18 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def _looks_like_safetensors(head: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON header starting with '{'."""
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+
+
 def _is_pickle(path: Path) -> bool:
+    """A torch zip archive or a raw pickle (protocol 2-5), and not a safetensors file."""
     with open(path, "rb") as fh:
-        head = fh.read(4)
-    return head[:2] == b"PK" or head[:1] == b"\x80"
+        head = fh.read(9)
+    if _looks_like_safetensors(head):
+        return False
+    return head[:2] == b"PK" or head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:

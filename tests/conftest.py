@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(int(os.environ.get("KFACBOUND_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("KFACBOUND_TEST_THREADS", "1")))
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 

@@ -1,0 +1,550 @@
+"""Batch specs: a TOML grid expanded into fully resolved, content-keyed jobs.
+
+A spec describes the grid datasets × architectures × {bn, no-bn} × seeds × analyses. Every cell
+becomes a *job*: a JSON dict that states everything the job depends on (dataset options, the
+architecture spec with every default filled in, the seed, the analysis options, and the keys of
+the jobs it needs). Its **key** is ``sha256`` of the canonical JSON of that dict (sorted keys,
+no whitespace), so an edited option gives a new key and an unchanged cell keeps its key: this
+is what lets :mod:`kfacbound.batch.runner` resume. Display labels (``label``) are left out of
+the hash, so renaming a column does not rerun anything.
+
+Format (every key optional unless marked; unknown keys are errors)::
+
+    name = "smoke"                 # a title for the report
+    description = "..."            # free text for the report
+    seeds = [0, 1]                 # training / analysis seeds (default [0])
+    bn = [false, true]             # BatchNorm after every hidden layer: false, true or both
+    checkpoints = ["runs/*.kfb"]   # optional: evaluate existing checkpoints (paths or globs,
+                                   # relative to the spec file); each becomes an ``import``
+                                   # job whose dataset, architecture, BN and seed come from
+                                   # the file. Without [train] no training happens.
+                                   # (TOML: top-level keys come before the first [table].)
+
+    [[datasets]]                   # one table per dataset (or: datasets = ["digits", ...])
+    name = "digits"                # required: a name of kfacbound.data.load_dataset
+    label = "digits"               # optional column label (not hashed)
+    subset = 1000                  # every other key is a load_dataset option
+
+    [[architectures]]              # one table per network (or: architectures = ["T-600"])
+    arch = "fc"                    # required: fc, lenet5, cnn or an alias (T-600, ...)
+    label = "fc32"                 # optional column label (not hashed)
+    widths = [32]                  # every other key goes to kfacbound.models.resolve_spec;
+                                   # "bn" is not allowed here: use the top-level bn list
+
+    [train]                        # kfacbound.train.TrainConfig fields except seed
+    epochs = 5                     # (the seed comes from `seeds`)
+
+    [[analyses]]                   # one table per analysis
+    kind = "bound"                 # required: a registered job kind (kfacbound.batch.jobs)
+    iterations = 2000              # every other key is an option of that kind
+    [analyses.grid]                # optional: one job per value (cartesian product)
+    posterior = ["diag", "kfac"]
+
+    [kinds]                        # optional plug-in job kinds, "module:function"; the
+                                   # module must be importable (installed or on PYTHONPATH)
+    sleep = "mypkg.jobs:sleep"     # needs nothing; or a table
+    score = { entry = "mypkg.jobs:score", needs = "checkpoint" }
+
+What a job needs is a property of its kind (:class:`kfacbound.batch.jobs.JobKind`):
+
+- ``"none"``: one job per (dataset, architecture, bn, seed, grid point); datasets and
+  architectures may be omitted, then the grid has one ``null`` entry for them.
+- ``"checkpoint"`` (curvature, bound, spectra): one job per checkpoint, needing the ``train``
+  job of its (dataset, architecture, bn, seed) (generated automatically) or the ``import`` job
+  of a checkpoint file.
+- ``"checkpoints"`` (structure): one job per (dataset, architecture, bn, grid point) needing the
+  checkpoints of *all* seeds, so that it compares independently trained networks.
+
+A kind listed in ``[kinds]`` replaces a built-in kind of the same name (tests use this to swap in
+a fast fake ``train``).
+
+Seeds: the grid seed seeds a train job (initialisation and shuffling, see
+:class:`kfacbound.train.TrainConfig`) and the analyses of its checkpoint (Monte-Carlo draws).
+Dataset options, including a dataset's own ``seed`` (random subsets, synthetic data), are fixed
+per ``[[datasets]]`` entry, so all seeds of a cell see the same data.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import KfacboundError
+
+TOP_KEYS = ("name", "description", "seeds", "bn", "datasets", "architectures", "train",
+            "checkpoints", "analyses", "kinds")
+HASH_EXCLUDED = ("label",)
+
+
+def canonical_json(obj: Any) -> str:
+    """The canonical JSON text of ``obj``: sorted keys, no whitespace, ASCII, no NaN."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+
+
+def job_key(config: dict[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of ``config`` without its display ``label``."""
+    hashed = {k: v for k, v in config.items() if k not in HASH_EXCLUDED}
+    return hashlib.sha256(canonical_json(hashed).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One resolved job: its key, kind, configuration and the keys of the jobs it needs."""
+
+    key: str
+    config: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.config["kind"]
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return tuple(self.config.get("needs", ()))
+
+    @staticmethod
+    def from_config(config: dict[str, Any]) -> Job:
+        return Job(job_key(config), config)
+
+
+@dataclass
+class BatchSpec:
+    """A validated spec and its jobs in dependency order (every job after the jobs it needs)."""
+
+    name: str
+    jobs: list[Job]
+    text: str = ""
+    path: str | None = None
+    description: str = ""
+    kinds: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def job(self, key: str) -> Job:
+        for job in self.jobs:
+            if job.key == key:
+                return job
+        raise KeyError(key)
+
+
+def load_spec(path: str | Path) -> BatchSpec:
+    """Read, validate and expand the TOML spec at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise KfacboundError(f"spec file {str(path)!r} does not exist")
+    text = path.read_text()
+    return parse_spec(text, where=str(path))
+
+
+def parse_spec(text: str, where: str = "spec") -> BatchSpec:
+    """Validate and expand a spec given as TOML text (``where`` names it in error messages)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise KfacboundError(f"{where}: not valid TOML: {exc}") from None
+    spec = expand_spec(raw, where=where)
+    spec.text = text
+    spec.path = where
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _fail(where: str, message: str) -> KfacboundError:
+    return KfacboundError(f"{where}: {message}")
+
+
+def _check_keys(table: dict[str, Any], allowed, where: str) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise _fail(where, f"unknown key(s) {', '.join(map(repr, unknown))}; "
+                           f"allowed: {', '.join(allowed)}")
+
+
+def _as_list(value: Any, where: str) -> list[Any]:
+    if isinstance(value, list):
+        return value
+    return [value]
+
+
+def _seeds(raw: dict[str, Any], where: str) -> list[int]:
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds:
+        raise _fail(where, "seeds must be a non-empty list of integers, e.g. seeds = [0, 1, 2]")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise _fail(where, f"seeds must be non-negative integers, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise _fail(where, f"seeds has duplicates: {seeds}")
+    return list(seeds)
+
+
+def _bns(raw: dict[str, Any], where: str) -> list[bool]:
+    bn = _as_list(raw.get("bn", [False]), where)
+    if not bn or any(not isinstance(b, bool) for b in bn):
+        raise _fail(where, f"bn must be true, false or a list of them, got {raw.get('bn')!r}")
+    if len(set(bn)) != len(bn):
+        raise _fail(where, f"bn has duplicates: {bn}")
+    return bn
+
+
+def _datasets(raw: dict[str, Any], where: str) -> list[tuple[dict[str, Any], str]]:
+    """(load_dataset options including ``name``, label) per dataset entry."""
+    entries = _as_list(raw.get("datasets", []), where)
+    out = []
+    try:
+        from ..data import list_datasets
+
+        known = list(list_datasets())
+    except ImportError:  # pragma: no cover - the data module is part of the package
+        known = None
+    for i, entry in enumerate(entries):
+        here = f"{where}: datasets[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise KfacboundError(f"{here}: a dataset is a name or a table with a 'name' key")
+        entry = copy.deepcopy(entry)
+        label = str(entry.pop("label", entry["name"]))
+        if known is not None and entry["name"] not in known:
+            raise KfacboundError(
+                f"{here}: unknown dataset {entry['name']!r}; known: {', '.join(known)}")
+        if "split" in entry:
+            raise KfacboundError(f"{here}: 'split' is chosen by each analysis; remove it")
+        _check_dataset_options(entry, here)
+        out.append((entry, label))
+    labels = [lab for _, lab in out]
+    if len(set(labels)) != len(labels):
+        raise _fail(where, f"dataset labels must be distinct: {labels}; add label = '...'")
+    return out
+
+
+def _check_dataset_options(entry: dict[str, Any], where: str) -> None:
+    import inspect
+
+    from ..data import SOURCES, load_dataset
+
+    params = inspect.signature(load_dataset).parameters
+    named = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    loader = SOURCES[entry["name"]][0]
+    source = {n for n, p in inspect.signature(loader).parameters.items()
+              if n != "split" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key in entry:
+        if key != "name" and key not in named and key not in source:
+            raise KfacboundError(
+                f"{where}: unknown dataset option {key!r}; known: "
+                f"{', '.join(sorted(named | source))}")
+
+
+def _placeholder_shape(arch: dict[str, Any]) -> list[int]:
+    from ..models import ALIASES
+
+    name = arch.get("arch")
+    return [1] if name == "fc" or name in ALIASES else [1, 32, 32]
+
+
+def _architectures(raw: dict[str, Any], where: str) -> list[tuple[dict[str, Any], str]]:
+    """(resolved architecture spec without data shape, label) per entry."""
+    from ..models import resolve_spec
+
+    entries = _as_list(raw.get("architectures", []), where)
+    out = []
+    for i, entry in enumerate(entries):
+        here = f"{where}: architectures[{i}]"
+        if isinstance(entry, str):
+            entry = {"arch": entry}
+        if not isinstance(entry, dict) or "arch" not in entry:
+            raise KfacboundError(f"{here}: an architecture is a name or a table with an 'arch' key")
+        entry = copy.deepcopy(entry)
+        if "bn" in entry:
+            raise KfacboundError(f"{here}: set BatchNorm with the top-level bn list, not here")
+        for key in ("input_shape", "num_outputs"):
+            if key in entry:
+                raise KfacboundError(f"{here}: {key!r} comes from the dataset; remove it")
+        label = entry.pop("label", None)
+        try:
+            spec = resolve_spec(entry, input_shape=_placeholder_shape(entry), num_outputs=2)
+        except KfacboundError as exc:
+            raise KfacboundError(f"{here}: {exc}") from None
+        from ..models import _DEFAULTS  # the keys each architecture understands
+
+        allowed = set(_DEFAULTS[spec["arch"]]) | {"arch", "alias", "input_shape", "num_outputs"}
+        _check_keys(spec, sorted(allowed), here)
+        spec.pop("input_shape")
+        spec.pop("num_outputs")
+        if label is None:
+            label = spec.get("alias") or _auto_label(spec)
+        out.append((spec, str(label)))
+    labels = [lab for _, lab in out]
+    if len(set(labels)) != len(labels):
+        raise _fail(where, f"architecture labels must be distinct: {labels}; add label = '...'")
+    return out
+
+
+def _auto_label(spec: dict[str, Any]) -> str:
+    if spec["arch"] == "fc":
+        return "fc-" + "-".join(str(w) for w in spec["widths"])
+    if spec["arch"] == "cnn":
+        return "cnn-" + "-".join(str(c) for c in spec["channels"])
+    return spec["arch"]
+
+
+def _train_options(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from ..train import TrainConfig
+
+    table = raw.get("train", {})
+    if not isinstance(table, dict):
+        raise _fail(where, "[train] must be a table of TrainConfig fields")
+    defaults = asdict(TrainConfig())
+    allowed = [k for k in defaults if k != "seed"]
+    if "seed" in table:
+        raise _fail(where, "[train]: the seed comes from the top-level seeds list")
+    _check_keys(table, allowed, f"{where}: [train]")
+    options = {k: v for k, v in defaults.items() if k != "seed"}
+    options.update(table)
+    for key in ("epochs", "batch_size"):
+        if isinstance(options[key], bool) or not isinstance(options[key], int):
+            raise _fail(where, f"[train] {key} must be an integer")
+    if options["epochs"] < 0 or options["batch_size"] < 1:
+        raise _fail(where, "[train] needs epochs >= 0 and batch_size >= 1")
+    if not isinstance(options["lr"], int | float) or options["lr"] <= 0:
+        raise _fail(where, "[train] lr must be a positive number")
+    if options["loss"] is not None:
+        from ..losses import check_loss
+
+        try:
+            check_loss(options["loss"])
+        except KfacboundError as exc:
+            raise _fail(where, f"[train] {exc}") from None
+    return options
+
+
+def _plugin_kinds(raw: dict[str, Any], where: str) -> dict[str, dict[str, str]]:
+    from .jobs import NEEDS
+
+    table = raw.get("kinds", {})
+    if not isinstance(table, dict):
+        raise _fail(where, "[kinds] must map a kind name to 'module:function' or a table")
+    out = {}
+    for name, value in table.items():
+        here = f"{where}: kinds.{name}"
+        if isinstance(value, str):
+            value = {"entry": value}
+        if not isinstance(value, dict):
+            raise KfacboundError(f"{here}: give 'module:function' or {{entry = ..., needs = ...}}")
+        _check_keys(value, ("entry", "needs"), here)
+        entry = value.get("entry")
+        if not isinstance(entry, str) or entry.count(":") != 1:
+            raise KfacboundError(f"{here}: entry must look like 'package.module:function'")
+        needs = value.get("needs", "none")
+        if needs not in NEEDS:
+            raise KfacboundError(f"{here}: needs must be one of {', '.join(NEEDS)}")
+        out[name] = {"entry": entry, "needs": needs}
+    return out
+
+
+def _analyses(raw: dict[str, Any], kinds: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """Each analysis table expanded over its grid: list of {"kind", "options"}."""
+    from .jobs import get_job_kind
+
+    entries = _as_list(raw.get("analyses", []), where)
+    out = []
+    for i, entry in enumerate(entries):
+        here = f"{where}: analyses[{i}]"
+        if isinstance(entry, str):
+            entry = {"kind": entry}
+        if not isinstance(entry, dict) or "kind" not in entry:
+            raise KfacboundError(f"{here}: an analysis is a kind name or a table with 'kind'")
+        entry = copy.deepcopy(entry)
+        kind = entry.pop("kind")
+        grid = entry.pop("grid", {})
+        if kind in ("train", "import"):
+            raise KfacboundError(f"{here}: {kind} jobs are implied; use [train] or checkpoints")
+        if kind in kinds:
+            spec_kind = None
+        else:
+            try:
+                spec_kind = get_job_kind(kind)
+            except KfacboundError as exc:
+                raise KfacboundError(f"{here}: {exc}") from None
+        if not isinstance(grid, dict):
+            raise KfacboundError(f"{here}: grid must be a table of option = [values]")
+        for name, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise KfacboundError(f"{here}: grid.{name} must be a non-empty list of values")
+            if name in entry:
+                raise KfacboundError(f"{here}: {name!r} is both an option and a grid axis")
+        names = sorted(grid)
+        for combo in itertools.product(*(grid[n] for n in names)):
+            options = dict(entry, **dict(zip(names, combo, strict=True)))
+            if spec_kind is not None:
+                try:
+                    options = spec_kind.resolve_options(options)
+                except KfacboundError as exc:
+                    raise KfacboundError(f"{here}: {exc}") from None
+            out.append({"kind": kind, "options": options})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# expansion
+
+
+def checkpoint_sources(paths: list[str | Path], where: str = "spec") -> list[dict[str, Any]]:
+    """``import`` job configs for existing checkpoint files (dataset, architecture, BatchNorm and
+    seed read from each checkpoint; its sha256 is part of the config, so an edited file gets a
+    new key)."""
+    from ..checkpoint import file_sha256, load_checkpoint
+    from ..models import has_batchnorm
+
+    configs = []
+    for path in paths:
+        ckpt = load_checkpoint(path)
+        dataset = dict(ckpt.dataset or {})
+        for key in ("split", "selection"):
+            dataset.pop(key, None)
+        if not dataset.get("name"):
+            raise KfacboundError(f"{where}: checkpoint {path} records no dataset")
+        arch = {k: v for k, v in ckpt.spec.items() if k not in ("input_shape", "num_outputs")}
+        seed = (ckpt.meta.get("training") or {}).get("seed", 0)
+        configs.append({
+            "kind": "import",
+            "path": str(Path(path).resolve()),
+            "sha256": file_sha256(path),
+            "dataset": dataset,
+            "arch": arch,
+            "bn": bool(has_batchnorm(ckpt.model)),
+            "seed": int(seed),
+            "label": {"dataset": dataset["name"], "arch": arch.get("alias") or _auto_label(arch),
+                      "file": Path(path).name},
+        })
+    return configs
+
+
+def _checkpoint_paths(raw: dict[str, Any], where: str) -> list[Path]:
+    import glob
+
+    entries = _as_list(raw.get("checkpoints", []), where)
+    base = Path(where).parent if Path(where).suffix == ".toml" else Path.cwd()
+    paths: list[Path] = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise _fail(where, "checkpoints must be a list of file paths or glob patterns")
+        pattern = entry if Path(entry).is_absolute() else str(base / entry)
+        found = sorted(glob.glob(pattern))
+        if not found:
+            raise _fail(where, f"no checkpoint matches {entry!r}")
+        paths += [Path(p) for p in found]
+    return paths
+
+
+def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
+    """Validate a parsed spec and expand it into jobs (see the module docstring)."""
+    from .jobs import get_job_kind
+
+    if not isinstance(raw, dict):
+        raise _fail(where, "a spec is a TOML table")
+    _check_keys(raw, TOP_KEYS, where)
+    name = str(raw.get("name", Path(where).stem))
+    seeds = _seeds(raw, where)
+    bns = _bns(raw, where)
+    kinds = _plugin_kinds(raw, where)
+    datasets = _datasets(raw, where)
+    archs = _architectures(raw, where)
+    analyses = _analyses(raw, kinds, where)
+    imports = checkpoint_sources(_checkpoint_paths(raw, where), where)
+
+    def needs_of(kind: str) -> str:
+        return kinds[kind]["needs"] if kind in kinds else get_job_kind(kind).needs
+
+    uses_checkpoints = any(needs_of(a["kind"]) != "none" for a in analyses)
+    if "train" in raw or (uses_checkpoints and not imports) or (
+            not analyses and (datasets or archs)):
+        if not datasets or not archs:
+            raise _fail(where, "training needs at least one [[datasets]] and one "
+                               "[[architectures]] entry")
+        train_options = _train_options(raw, where)
+    else:
+        train_options = None
+    if not analyses and train_options is None:
+        raise _fail(where, "nothing to do: add [[datasets]], [[architectures]] and "
+                           "[[analyses]] (or a [train] table)")
+
+    def plug(config: dict[str, Any]) -> dict[str, Any]:
+        if config["kind"] in kinds:
+            config["entry"] = kinds[config["kind"]]["entry"]
+        return config
+
+    jobs: list[Job] = []
+    seen: set[str] = set()
+
+    def add(config: dict[str, Any]) -> Job:
+        job = Job.from_config(plug(config))
+        if job.key not in seen:
+            seen.add(job.key)
+            jobs.append(job)
+        return job
+
+    # producers of checkpoints: train jobs of the grid, and imported checkpoint files
+    producers: list[Job] = []
+    if train_options is not None:
+        for (ds, ds_label), (arch, arch_label), bn, seed in itertools.product(
+                datasets, archs, bns, seeds):
+            producers.append(add({
+                "kind": "train",
+                "dataset": ds,
+                "arch": dict(arch, bn=bn),
+                "bn": bn,
+                "seed": seed,
+                "options": dict(train_options),
+                "label": {"dataset": ds_label, "arch": arch_label},
+            }))
+    producers += [add(config) for config in imports]
+
+    def cell(job: Job) -> tuple:
+        label = job.config["label"]
+        return (label["dataset"], label["arch"], job.config["bn"])
+
+    groups: dict[tuple, list[Job]] = {}
+    for job in producers:
+        groups.setdefault(cell(job), []).append(job)
+
+    ds_axis = datasets or [(None, None)]
+    arch_axis = archs or [(None, None)]
+    for analysis in analyses:
+        kind, options = analysis["kind"], analysis["options"]
+        needs = needs_of(kind)
+        if needs == "none":
+            for (ds, ds_label), (arch, arch_label), bn, seed in itertools.product(
+                    ds_axis, arch_axis, bns, seeds):
+                add({"kind": kind, "dataset": ds,
+                     "arch": None if arch is None else dict(arch, bn=bn), "bn": bn,
+                     "seed": seed, "options": copy.deepcopy(options),
+                     "label": {"dataset": ds_label, "arch": arch_label}})
+            continue
+        for members in groups.values():
+            first = members[0].config
+            base = {"kind": kind, "dataset": first["dataset"], "arch": first["arch"],
+                    "bn": first["bn"], "options": copy.deepcopy(options),
+                    "label": {"dataset": first["label"]["dataset"],
+                              "arch": first["label"]["arch"]}}
+            if needs == "checkpoints":
+                add(dict(base, seeds=[m.config["seed"] for m in members],
+                         needs=[m.key for m in members]))
+                continue
+            for member in members:
+                config = dict(base, seed=member.config["seed"], needs=[member.key])
+                if "file" in member.config["label"]:
+                    config["label"] = dict(config["label"], file=member.config["label"]["file"])
+                add(config)
+    return BatchSpec(name=name, jobs=jobs, description=str(raw.get("description", "")),
+                     kinds=kinds)

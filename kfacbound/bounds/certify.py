@@ -1,0 +1,509 @@
+"""Certify a PAC-Bayes bound for a checkpoint: build Q and P, optimise, round λ, Monte-Carlo, JSON.
+
+Pipeline of :func:`certify_checkpoint` (SCIENCE.md §5):
+
+1. Fold eval-mode BatchNorm into the preceding layers, for the trained and the initial model
+   (the prior is centred at the folded initialisation, which for fresh BN — γ=1, β=0, μ=0,
+   σ²=1 — is the initialisation up to the ε of BN). The running statistics thereby become
+   ordinary weights of the certified predictor: the bound covers exactly the deployed eval-mode
+   network. With a data-free prior, w0 must not have seen the data, so the *initial* BN
+   statistics are folded into w0, never the trained ones.
+2. Data-dependent prior (``prior_split=f``): a seeded fraction f of the training set trains the
+   prior mean by a short SGD run from w0; the bound is certified on the rest, n = |rest|.
+3. Posterior Q (diag / kfac / exact) with mean at the trained weights; the λ of the prior
+   N(w0, λI) is learned; :func:`optimize_posterior` minimises the Dziugaite–Roy objective.
+4. λ is rounded to the grid λ_j = c·exp(−j/b): the neighbouring integers j ≥ 1 of the learned
+   value are tried and the one with the smaller KL + 2 ln j wins (the union bound covers every j,
+   so the choice may look at the data). The KL is computed in float64 *after* the last optimiser
+   step with this λ_j.
+5. Monte-Carlo: every example of the bound set gets an independent network from Q, in each of
+   ``mc_passes`` passes; N = n·passes independent Bernoulli draws with mean L̂(Q), so
+   L̂(Q) ≤ kl⁻¹(ê_N, ln(1/δ′)/N) with probability 1 − δ′.
+6. Bound = kl⁻¹(kl⁻¹(ê_N, ln(1/δ′)/N), B), B = (KL + 2 ln j + ln(π²/6) + ln(2√n/δ))/n
+   (``formula='maurer'``, default) or (… + ln(n/δ))/(n − 1) (``'dr'``), holding with
+   probability ≥ 1 − δ − δ′. The other formulas are reported for comparison only.
+
+:func:`recompute_certificate` recomputes ``bound`` from the JSON alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import KfacboundError
+from ..losses import default_loss, make_loss, prepare_targets, zero_one_errors
+from ..models import count_parameters, fold_batchnorm, has_batchnorm
+from .optimize import optimize_posterior
+from .pacbayes import (
+    FORMULAS,
+    GRID_B,
+    GRID_C,
+    all_bounds,
+    complexity,
+    grid_candidates,
+    grid_lambda,
+    grid_penalty,
+    kl_inv,
+    mc_error_bound,
+)
+from .posteriors import (
+    GaussianPosterior,
+    IsotropicPrior,
+    build_posterior,
+    build_prior,
+    exact_eigenbasis,
+)
+
+CURVATURES = ("kflr", "kfac")
+
+# Defaults chosen on binary Fashion-MNIST T-600 (see benchmarks/RESULTS.md and scripts/).
+DEFAULT_ITERATIONS = 20000
+DEFAULT_LR = 1e-3
+DEFAULT_BATCH = 100
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def deterministic_error(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
+                        batch_size: int = 4096, device: str | torch.device = "cpu") -> float:
+    """0-1 error of the deterministic network (eval mode)."""
+    model = model.to(device).eval()
+    wrong = 0
+    for s in range(0, len(X), batch_size):
+        xb, yb = X[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
+        wrong += int(zero_one_errors(model(xb), yb).sum())
+    return wrong / max(len(X), 1)
+
+
+@torch.no_grad()
+def mc_errors(posterior: GaussianPosterior, X: torch.Tensor, y: torch.Tensor, passes: int = 1,
+              batch_size: int = 2048, seed: int = 0, device: str | torch.device = "cpu",
+              progress: bool = True) -> tuple[int, int]:
+    """(number of errors, N = len(X)·passes) with an independent network from Q per example.
+
+    Linear layers use the local reparameterisation (independent noise per example), conv layers
+    draw a whole kernel per example, so the N 0/1 outcomes are independent Bernoullis with mean
+    exactly L̂(Q) (the expected error of Q on these examples).
+    """
+    posterior = posterior.to(device).eval()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(int(seed))
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.manual_seed_all(int(seed))
+    wrong = 0
+    total = passes * len(X)
+    try:
+        with tqdm(total=total, disable=not progress, desc="MC samples", leave=False) as bar:
+            for _ in range(passes):
+                for s in range(0, len(X), batch_size):
+                    xb, yb = X[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
+                    out = posterior(xb, sample=True, per_example=True)
+                    wrong += int(zero_one_errors(out, yb).sum())
+                    bar.update(len(xb))
+    finally:
+        torch.random.set_rng_state(state)
+    return wrong, total
+
+
+@torch.no_grad()
+def round_lambda(posterior: GaussianPosterior, prior: IsotropicPrior) -> tuple[int, float, float]:
+    """(j, λ_j, KL at λ_j in float64) for the better neighbouring grid index j ≥ 1.
+
+    "Better" = smaller KL + 2 ln j, i.e. smaller complexity B (the bound is increasing in B).
+    """
+    best = None
+    for j in grid_candidates(float(prior.lam.detach()), prior.c, prior.b):
+        lam = grid_lambda(j, prior.c, prior.b)
+        kl = float(posterior.kl(prior, lam=torch.tensor(lam, dtype=torch.float64),
+                                dtype=torch.float64))
+        score = kl + grid_penalty(j)
+        if best is None or score < best[0]:
+            best = (score, j, lam, kl)
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
+def certify_posterior(
+    posterior: GaussianPosterior,
+    prior: IsotropicPrior,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    delta: float = 0.025,
+    delta_prime: float = 0.01,
+    mc_passes: int = 10,
+    formula: str = "maurer",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    batch_size: int = 2048,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The certificate terms for a trained (Q, P) on the bound set (X, y), n = len(X)."""
+    if formula not in FORMULAS:
+        raise KfacboundError(f"unknown formula {formula!r}; choose from {', '.join(FORMULAS)}")
+    n = len(X)
+    j, lam, kl = round_lambda(posterior, prior)
+    penalty = grid_penalty(j)
+    wrong, N = mc_errors(posterior, X, y, mc_passes, batch_size, seed, device, progress)
+    mc_error = wrong / N
+    mc_ub = mc_error_bound(mc_error, N, delta_prime)
+    B = complexity(kl, n, delta, formula, penalty)
+    bound = kl_inv(mc_ub, B)
+    return {
+        "n": n,
+        "delta": delta,
+        "delta_prime": delta_prime,
+        "kl": kl,
+        "j": j,
+        "lambda": lam,
+        "mc_samples": N,
+        "mc_errors": wrong,
+        "mc_error": mc_error,
+        "mc_error_bound": mc_ub,
+        "bound": bound,
+        "formula": formula,
+        "grid": {"c": prior.c, "b": prior.b},
+        "grid_penalty": penalty,
+        "complexity": B,
+        "confidence": 1.0 - delta - delta_prime,
+        "bounds": all_bounds(mc_ub, kl, n, delta, penalty),
+        "mc_passes": mc_passes,
+        "num_params": posterior.numel(),
+    }
+
+
+def recompute_certificate(d: Mapping[str, Any]) -> float:
+    """The bound a certificate states, recomputed from its JSON fields alone.
+
+    Checks that λ is the grid value for j and that ê_N = errors/N, then returns
+    kl⁻¹(kl⁻¹(ê_N, ln(1/δ′)/N), B) with B per ``d['formula']`` (default 'maurer').
+    """
+    grid = d.get("grid", {"c": GRID_C, "b": GRID_B})
+    j = int(d["j"])
+    if j < 1:
+        raise KfacboundError("certificate has grid index j < 1")
+    lam = grid_lambda(j, grid["c"], grid["b"])
+    if not math.isclose(lam, float(d["lambda"]), rel_tol=1e-9):
+        raise KfacboundError(f"certificate λ={d['lambda']} is not grid point j={j} ({lam})")
+    N = int(d["mc_samples"])
+    if "mc_errors" in d and not math.isclose(d["mc_errors"] / N, d["mc_error"], rel_tol=1e-12):
+        raise KfacboundError("certificate mc_error differs from mc_errors / mc_samples")
+    mc_ub = mc_error_bound(float(d["mc_error"]), N, float(d["delta_prime"]))
+    B = complexity(float(d["kl"]), int(d["n"]), float(d["delta"]), d.get("formula", "maurer"),
+                   grid_penalty(j))
+    return kl_inv(mc_ub, B)
+
+
+# ----------------------------------------------------------------------------- curvature
+
+
+def _tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(ds, tuple):
+        return ds
+    X, y = ds.tensors
+    return X, y
+
+
+def kfac_factors(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss: str,
+                 method: str = "kflr", progress: bool = False, batch_size: int = 1000,
+                 device: str | torch.device = "cpu"
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{path: (G, A)} from the curvature engine (kfacbound.curvature.kfac.compute_kfac)."""
+    try:
+        from ..curvature.kfac import compute_kfac  # type: ignore[attr-defined]
+    except ImportError as exc:  # the engine is not installed yet
+        raise KfacboundError(
+            "the K-FAC engine (kfacbound.curvature.kfac) is not available"
+        ) from exc
+    from torch.utils.data import TensorDataset
+
+    result = compute_kfac(model, TensorDataset(X, y), loss, method=method, progress=progress,
+                          batch_size=batch_size, device=device)
+    items = result.items() if hasattr(result, "items") else result.layers.items()
+    out = {}
+    for path, layer in items:
+        out[path] = (layer.G.detach().cpu(), layer.A.detach().cpu())
+    return out
+
+
+def exact_eigenbases(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss: str,
+                     k: int | None = None, dense_max: int = 6000, lanczos_k: int = 64,
+                     progress: bool = False, device: str | torch.device = "cpu"
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{path: (U, eigenvalues)} of the exact Hessian layer blocks of the mean loss (float64).
+
+    Layers with at most ``dense_max`` parameters: dense block from
+    kfacbound.curvature.exact.layer_hessian and a full eigh (top ``k`` kept if given). Larger
+    layers: the top ``k`` (default ``lanczos_k``) eigenpairs by Lanczos
+    (kfacbound.curvature.spectral.top_eigenpairs on the matrix-free Hessian operator); the
+    posterior then puts one shared variance on the orthogonal complement.
+    """
+    from ..curvature.exact import layer_hessian
+    from ..curvature.layout import curvature_layers, layer_size
+    from ..curvature.operators import hessian_operator
+    from ..curvature.spectral import top_eigenpairs
+
+    out = {}
+    for path, module in curvature_layers(model):
+        P = layer_size(module)
+        if P <= dense_max:
+            H = layer_hessian(model, X, y, loss, path, part="H", max_params=dense_max,
+                              progress=progress, device=device)
+            out[path] = exact_eigenbasis(H.cpu(), k)
+        else:
+            kk = min(k or lanczos_k, P - 2)
+            op = hessian_operator(model, X, y, loss, path, device=device)
+            evals, evecs = top_eigenpairs(op, kk)
+            out[path] = (torch.as_tensor(evecs.copy()), torch.as_tensor(evals.copy()))
+    return out
+
+
+# ----------------------------------------------------------------------------- priors
+
+
+def train_prior_mean(init_model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss: str,
+                     epochs: int = 1, lr: float = 0.01, momentum: float = 0.9,
+                     batch_size: int = 100, seed: int = 0, device: str | torch.device = "cpu",
+                     progress: bool = True) -> nn.Module:
+    """A data-dependent prior mean: SGD from w0 on the prior split only (D&R's SGD settings)."""
+    model = copy.deepcopy(init_model).to(device).train()
+    crit = make_loss(loss)
+    T = prepare_targets(loss, y, _num_outputs(model, X))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    gen = torch.Generator().manual_seed(int(seed) + 7)
+    steps = epochs * math.ceil(len(X) / batch_size)
+    for step in tqdm(range(steps), disable=not progress, desc="prior SGD", leave=False):
+        if step % math.ceil(len(X) / batch_size) == 0:
+            perm = torch.randperm(len(X), generator=gen)
+        s = (step % math.ceil(len(X) / batch_size)) * batch_size
+        idx = perm[s:s + batch_size]
+        out = model(X[idx].to(device))
+        loss_v = crit(out, T[idx].to(device))
+        opt.zero_grad()
+        loss_v.backward()
+        opt.step()
+    return model.eval()
+
+
+def _num_outputs(model: nn.Module, X: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model.eval()(X[:1]).shape[-1])
+
+
+# ----------------------------------------------------------------------------- top level
+
+
+def certify_checkpoint(
+    ckpt_or_model: Any,
+    dataset: Any = None,
+    posterior: str = "diag",
+    curvature: str = "kflr",
+    iterations: int = DEFAULT_ITERATIONS,
+    delta: float = 0.025,
+    delta_prime: float = 0.01,
+    mc_passes: int = 10,
+    prior_split: float | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    init_model: nn.Module | None = None,
+    test_dataset: Any = None,
+    loss: str | None = None,
+    formula: str = "maurer",
+    objective: str = "pinsker",
+    lr: float = DEFAULT_LR,
+    mean_lr: float | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    std_init: str | float = "dr",
+    std_scale: float = 1.0,
+    basis_every: int | None = None,
+    exact_k: int | None = None,
+    prior_epochs: int = 1,
+    c: float = GRID_C,
+    b: float = GRID_B,
+    mc_batch_size: int = 2048,
+) -> dict[str, Any]:
+    """Optimise a Gaussian posterior for a checkpoint and return the JSON-able certificate.
+
+    ``ckpt_or_model``: a path, a :class:`kfacbound.checkpoint.Checkpoint` or an ``nn.Module``
+    (then pass ``init_model`` for w0, else a zero-centred prior is used with a warning).
+    ``dataset``: a dataset name, a spec dict (``load_dataset`` keywords with ``name``), a
+    ``TensorDataset`` / (X, y) tuple, or None for the checkpoint's training data. The test split
+    is loaded when the dataset is named (or pass ``test_dataset``).
+    ``basis_every``: recompute the K-FAC basis at the current mean every that many steps.
+    """
+    t0 = time.perf_counter()
+    ckpt_info: dict[str, Any] = {}
+    if isinstance(ckpt_or_model, nn.Module):
+        model = ckpt_or_model
+        meta: dict[str, Any] = {}
+    else:
+        from ..checkpoint import Checkpoint, load_checkpoint
+
+        ckpt = ckpt_or_model if isinstance(ckpt_or_model, Checkpoint) else load_checkpoint(
+            ckpt_or_model)
+        model, meta = ckpt.model, dict(ckpt.meta)
+        if init_model is None:
+            init_model = ckpt.init_model
+        ckpt_info = {"path": ckpt.path, "sha256": ckpt.sha256(), "spec": ckpt.spec}
+    train_ds, test_ds, data_spec = _resolve_data(dataset, test_dataset, meta)
+    X, y = _tensors(train_ds)
+    if has_batchnorm(model):
+        model = fold_batchnorm(model)
+        if init_model is not None:
+            init_model = fold_batchnorm(init_model)
+    model = copy.deepcopy(model).eval()
+    C = _num_outputs(model, X[:1])
+    loss = loss or meta.get("loss") or default_loss(C)
+    if C > 1 and loss == "bce":
+        raise KfacboundError("loss 'bce' needs a one-logit network")
+
+    prior_info: dict[str, Any] = {"split": prior_split}
+    if init_model is None:
+        prior_info["center"] = "zero"
+    else:
+        prior_info["center"] = "init"
+    if prior_split is not None:
+        if init_model is None:
+            raise KfacboundError("--prior-split needs the initial weights w0 in the checkpoint")
+        from ..data import split_dataset
+
+        if hasattr(train_ds, "subset"):
+            prior_ds, bound_ds = split_dataset(train_ds, prior_split, seed)
+            Xp, yp = _tensors(prior_ds)
+            X, y = _tensors(bound_ds)
+        else:
+            gen = torch.Generator().manual_seed(int(seed) + 11)
+            perm = torch.randperm(len(X), generator=gen)
+            k = int(round(prior_split * len(X)))
+            if not 0 < k < len(X):
+                raise KfacboundError(f"prior split {prior_split} leaves an empty part")
+            Xp, yp = X[perm[:k]], y[perm[:k]]
+            X, y = X[perm[k:]], y[perm[k:]]
+        init_model = train_prior_mean(init_model, Xp, yp, loss, epochs=prior_epochs, seed=seed,
+                                      device=device, progress=progress).cpu()
+        prior_info.update(center="data-dependent", prior_n=len(Xp), prior_epochs=prior_epochs)
+    n = len(X)
+
+    factors = None
+    eigenbases = None
+    factors_fn = None
+    curv_time = 0.0
+    needs_factors = posterior == "kfac" or (posterior == "diag" and std_init == "curvature")
+    if needs_factors:
+        if curvature not in CURVATURES:
+            raise KfacboundError(f"unknown curvature {curvature!r}; choose from {CURVATURES}")
+        tc = time.perf_counter()
+        factors = kfac_factors(model, X, y, loss, curvature, progress=progress, device=device)
+        curv_time = time.perf_counter() - tc
+
+        def factors_fn(m: nn.Module):
+            return kfac_factors(m, X, y, loss, curvature, progress=False, device=device)
+    if posterior == "exact":
+        tc = time.perf_counter()
+        eigenbases = exact_eigenbases(model, X, y, loss, exact_k, progress=progress,
+                                      device=device)
+        curv_time = time.perf_counter() - tc
+
+    torch.manual_seed(int(seed))
+    Q = build_posterior(model, posterior, factors=factors, eigenbases=eigenbases,
+                        std_init=std_init, std_scale=std_scale, n=n, prior_var=c)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        P = build_prior(Q, init_model, c=c, b=b)
+    for w in caught:
+        warnings.warn(str(w.message), stacklevel=2)
+    with torch.no_grad():
+        kl_start = float(Q.kl(P, dtype=torch.float64))
+
+    Xd, yd = X.to(device), y.to(device)
+    to = time.perf_counter()
+    log = optimize_posterior(Q, P, Xd, yd, n=n, iterations=iterations, batch_size=batch_size,
+                             lr=lr, mean_lr=mean_lr, delta=delta, formula=formula,
+                             objective=objective,
+                             basis_every=basis_every, factors_fn=factors_fn, device=device,
+                             seed=seed, progress=progress)
+    opt_time = time.perf_counter() - to
+    Q.cpu()
+    P.cpu()
+
+    tm = time.perf_counter()
+    cert = certify_posterior(Q, P, X, y, delta=delta, delta_prime=delta_prime,
+                             mc_passes=mc_passes, formula=formula, seed=seed + 1,
+                             device=device, batch_size=mc_batch_size, progress=progress)
+    mc_time = time.perf_counter() - tm
+    Q.cpu()
+    mean_model = Q.mean_model()
+    cert["train_error"] = deterministic_error(model, X, y)
+    cert["train_error_posterior_mean"] = deterministic_error(mean_model, X, y)
+    if test_ds is not None:
+        Xt, yt = _tensors(test_ds)
+        cert["test_error"] = deterministic_error(model, Xt, yt)
+        w, Nt = mc_errors(Q, Xt, yt, 1, mc_batch_size, seed + 2, device, False)
+        cert["test_error_stochastic"] = w / Nt
+        cert["test_n"] = len(Xt)
+    else:
+        cert["test_error"] = cert["test_error_stochastic"] = None
+    cert.update(
+        posterior=posterior,
+        curvature=curvature if needs_factors else None,
+        std_init=std_init,
+        std_scale=std_scale,
+        basis_every=basis_every,
+        exact_k=exact_k,
+        loss=loss,
+        num_outputs=C,
+        model_params=count_parameters(model),
+        prior=prior_info,
+        kl_start=kl_start,
+        lambda_learned=float(P.lam.detach()),
+        optimizer={"name": "RMSprop", "lr": lr, "mean_lr": mean_lr, "iterations": iterations,
+                   "batch_size": batch_size,
+                   "objective": (f"surrogate_bits + sqrt(B/2), B={formula}"
+                                 if objective == "pinsker"
+                                 else f"kl_inv(min(1, surrogate_bits), B), B={formula}")},
+        train_log={"step": log.step, "surrogate": log.surrogate, "kl": log.kl,
+                   "lambda": log.lam, "bound_estimate": log.bound_estimate},
+        dataset=data_spec,
+        checkpoint=ckpt_info or None,
+        seed=seed,
+        device=str(device),
+        time_s={"curvature": curv_time, "optimize": opt_time, "mc": mc_time,
+                "total": time.perf_counter() - t0},
+    )
+    return cert
+
+
+def _resolve_data(dataset: Any, test_dataset: Any, meta: Mapping[str, Any]):
+    """(train, test or None, spec or None) from the forms certify_checkpoint accepts."""
+    from ..data import dataset_from_spec, load_dataset
+
+    if dataset is None:
+        spec = meta.get("dataset")
+        if not spec:
+            raise KfacboundError("no dataset given and the checkpoint records none")
+        train = dataset_from_spec(spec, "train")
+        test = test_dataset if test_dataset is not None else dataset_from_spec(spec, "test")
+        return train, test, getattr(train, "spec", spec)
+    if isinstance(dataset, str):
+        train = load_dataset(dataset, split="train")
+        test = test_dataset if test_dataset is not None else load_dataset(dataset, split="test")
+        return train, test, train.spec
+    if isinstance(dataset, Mapping):
+        spec = dict(dataset)
+        train = dataset_from_spec(spec, "train")
+        test = test_dataset if test_dataset is not None else dataset_from_spec(spec, "test")
+        return train, test, train.spec
+    return dataset, test_dataset, getattr(dataset, "spec", None)

@@ -1,0 +1,520 @@
+"""Gaussian posteriors Q over a network's weights, the isotropic prior P, and KL(Q‖P).
+
+Every posterior is a product over the Linear/Conv2d layers of a model (an ``nn.Sequential`` from
+:mod:`kfacbound.models`, BatchNorm already folded) of Gaussians over the layer matrix
+W̃ = [W | b] (layout of :mod:`kfacbound.curvature.layout`, out × (in + 1)), each with a trainable
+mean M (initialised at the trained weights) and a trainable log-std:
+
+- :class:`DiagLayer` (Dziugaite & Roy 2017): W̃ = M + σ ∘ Z, one std per weight.
+- :class:`KronLayer` (Dissecting Hessian, Wu et al. 2020): W̃ = M + U_G (S ∘ Z) U_Aᵀ with U_G, U_A
+  the eigenvectors of the layer's K-FAC factors G (out × out) and A = E[ã ãᵀ] ((in+1) × (in+1)):
+  Σ = (U_G ⊗ U_A) diag(vec S²) (U_G ⊗ U_A)ᵀ, one variance per Kronecker eigen-direction.
+  :meth:`KronLayer.update_basis` moves to a new basis (the "iter" variant).
+- :class:`ExactLayer`: w = μ + U_k (σ_k ∘ z) + σ_⊥ (I − U_k U_kᵀ) z′ with U_k the top-k (or all)
+  eigenvectors of the exact layer Hessian/GGN block; one shared variance σ_⊥² on the orthogonal
+  complement when k < P.
+
+Z, z, z′ are standard normal. The prior is P = N(w0, λI) (:class:`IsotropicPrior`), w0 the
+(folded) initial weights, λ = exp(log λ) trainable. Because P is isotropic,
+KL(Q‖P) = ½[tr Σ/λ + ‖M − w0‖²/λ − k + k ln λ − ln det Σ] whatever the bases are
+(:func:`kfacbound.bounds.pacbayes.kl_isotropic_terms`).
+
+Sampling. ``forward(x, per_example=True)`` returns the outputs of a network drawn from Q
+*independently for every example*:
+
+- Linear layers, local reparameterisation (Kingma et al. 2015): the pre-activation z = W̃ã of one
+  example with W̃ ~ Q is Gaussian given ã, so it is drawn directly — diagonal:
+  z ~ N(M ã, (σ²)(ã²)); Kronecker: with ã_rot = U_Aᵀ ã, z = M ã + U_G ξ with
+  ξ_o ~ N(0, Σ_j S_oj² ã_rot,j²) independent; exact: the weight noise is drawn per example and
+  contracted with ã. Independent noise per example and per layer gives exactly the joint law of
+  f(x; W), W ~ Q, for every example, independent across examples.
+- Conv2d layers share a kernel over positions, so a whole kernel is drawn per example (grouped
+  convolution). For speed during *training* ``per_example=False`` draws one kernel per batch for
+  conv layers (still an unbiased gradient estimate of the expected loss); certification always
+  uses ``per_example=True``.
+
+Std initialisation (``std_init``): ``"dr"`` — the magnitude of the trained weights expressed in
+the posterior's basis, |M| (diag), |U_Gᵀ M U_A| (Kronecker), |U_kᵀ μ| (exact), times
+``std_scale`` and clamped to [``std_min``, √λ_prior]; ``"curvature"`` — Laplace-like
+σ² = 1/(n·h + 1/λ_prior) with h the curvature eigenvalue of that direction (h_ij = g_i a_j for
+Kronecker; diag(G) ⊗ diag(A) for the diagonal posterior) of the *mean* loss, so n·h is the
+curvature of the summed loss; or a number (the same std everywhere).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..curvature.layout import curvature_layers, layer_matrix, set_layer_matrix
+from ..errors import KfacboundError, UnsupportedModuleError
+from ..models import fold_batchnorm, has_batchnorm
+from .pacbayes import GRID_B, GRID_C, grid_j, kl_isotropic_terms
+
+POSTERIORS = ("diag", "kfac", "exact")
+STD_INITS = ("dr", "curvature")
+
+_LOG_STD_MIN = -30.0
+
+
+def _ensure_folded(model: nn.Module) -> nn.Module:
+    """Eval-mode copy of ``model`` with BatchNorm folded into the preceding layers."""
+    if has_batchnorm(model):
+        return fold_batchnorm(model)
+    return copy.deepcopy(model).eval()
+
+
+class LayerPosterior(nn.Module):
+    """Gaussian over one layer's W̃ (out × in1); subclasses define the covariance."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise UnsupportedModuleError(f"no posterior for {type(module).__name__}")
+        self.kind = "linear" if isinstance(module, nn.Linear) else "conv"
+        self.has_bias = module.bias is not None
+        self.weight_shape = tuple(module.weight.shape)
+        if self.kind == "conv":
+            self.conv_args = {
+                "stride": module.stride, "padding": module.padding,
+                "dilation": module.dilation, "groups": module.groups,
+            }
+            if module.groups != 1:
+                raise UnsupportedModuleError("grouped convolutions are not supported")
+            if module.padding_mode != "zeros":
+                raise UnsupportedModuleError("only zero padding is supported")
+        self.mean = nn.Parameter(layer_matrix(module).detach().to(dtype).clone())
+
+    @property
+    def out_dim(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def in1(self) -> int:
+        return self.mean.shape[1]
+
+    def numel(self) -> int:
+        return self.mean.numel()
+
+    # -- subclass interface ------------------------------------------------------------------
+    def var_stats(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tr Σ, ln det Σ) of this layer (differentiable), computed in ``dtype`` if given."""
+        raise NotImplementedError
+
+    def sample_noise(self, num: int) -> torch.Tensor:
+        """``num`` independent draws of W̃ − M, shape (num, out, in1)."""
+        raise NotImplementedError
+
+    def linear_noise(self, a1: torch.Tensor) -> torch.Tensor:
+        """Per-row independent draws of (W̃ − M) ã for the rows ã of ``a1`` (B × in1)."""
+        noise = self.sample_noise(a1.shape[0])
+        return torch.einsum("boi,bi->bo", noise, a1)
+
+    # -- forward -----------------------------------------------------------------------------
+    def _split(self, mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.has_bias:
+            w, b = mat[..., :-1], mat[..., -1]
+        else:
+            w, b = mat, None
+        return w, b
+
+    def forward(self, a: torch.Tensor, sample: bool = True, per_example: bool = True):
+        if self.kind == "linear":
+            w, b = self._split(self.mean)
+            z = F.linear(a, w, b)
+            if not sample:
+                return z
+            a1 = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) if self.has_bias else a
+            return z + self.linear_noise(a1)
+        # conv
+        if not sample:
+            w, b = self._split(self.mean)
+            return F.conv2d(a, w.reshape(self.weight_shape), b, **self.conv_args)
+        if not per_example:
+            mat = self.mean + self.sample_noise(1)[0]
+            w, b = self._split(mat)
+            return F.conv2d(a, w.reshape(self.weight_shape), b, **self.conv_args)
+        B = a.shape[0]
+        mats = self.mean.unsqueeze(0) + self.sample_noise(B)  # B × out × in1
+        w, b = self._split(mats)
+        out_c = self.weight_shape[0]
+        w = w.reshape(B * out_c, *self.weight_shape[1:])
+        args = dict(self.conv_args, groups=B)
+        z = F.conv2d(a.reshape(1, B * a.shape[1], *a.shape[2:]), w,
+                     None if b is None else b.reshape(-1), **args)
+        return z.reshape(B, out_c, *z.shape[2:])
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+def _init_log_std(magnitude: torch.Tensor, std_scale: float, std_min: float,
+                  std_max: float) -> torch.Tensor:
+    std = (magnitude.abs() * std_scale).clamp(min=std_min, max=std_max)
+    return torch.log(std)
+
+
+class DiagLayer(LayerPosterior):
+    """W̃ = M + σ ∘ Z (Dziugaite & Roy)."""
+
+    def __init__(self, module: nn.Module, std: torch.Tensor, dtype: torch.dtype = torch.float32):
+        super().__init__(module, dtype)
+        self.log_std = nn.Parameter(torch.log(std.to(dtype)).reshape(self.mean.shape).clone())
+
+    def var_stats(self, dtype=None):
+        ls = _cast(self.log_std, dtype).clamp(min=_LOG_STD_MIN)
+        return torch.exp(2 * ls).sum(), 2 * ls.sum()
+
+    def sample_noise(self, num: int) -> torch.Tensor:
+        std = torch.exp(self.log_std)
+        return std * torch.randn(num, *std.shape, dtype=std.dtype, device=std.device)
+
+    def linear_noise(self, a1: torch.Tensor) -> torch.Tensor:
+        var = F.linear(a1 * a1, torch.exp(2 * self.log_std))
+        return torch.sqrt(var) * torch.randn_like(var)
+
+
+def _eigh(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of a symmetric PSD matrix in float64 (eigenvalues clipped at 0)."""
+    mat = mat.detach().to(torch.float64)
+    evals, evecs = torch.linalg.eigh(0.5 * (mat + mat.T))
+    return evals.clamp(min=0.0), evecs
+
+
+class KronLayer(LayerPosterior):
+    """W̃ = M + U_G (S ∘ Z) U_Aᵀ, S = exp(log_std) (one std per Kronecker eigen-direction)."""
+
+    def __init__(self, module: nn.Module, G: torch.Tensor, A: torch.Tensor, std: str | float,
+                 n: int, prior_var: float, std_scale: float = 1.0, std_min: float = 1e-6,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(module, dtype)
+        if G.shape != (self.out_dim, self.out_dim) or A.shape != (self.in1, self.in1):
+            raise KfacboundError(
+                f"K-FAC factors of shapes {tuple(G.shape)}, {tuple(A.shape)} do not fit a layer "
+                f"W̃ of shape {tuple(self.mean.shape)} (A must include the bias row/column)"
+            )
+        eg, ug = _eigh(G)
+        ea, ua = _eigh(A)
+        self.register_buffer("U_G", ug.to(dtype))
+        self.register_buffer("U_A", ua.to(dtype))
+        self.register_buffer("eig_G", eg.to(dtype))
+        self.register_buffer("eig_A", ea.to(dtype))
+        if std == "dr":
+            rot = ug.T @ self.mean.detach().to(torch.float64) @ ua
+            log_std = _init_log_std(rot, std_scale, std_min, math.sqrt(prior_var))
+        elif std == "curvature":
+            h = torch.outer(eg, ea)
+            log_std = 0.5 * -torch.log(n * h + 1.0 / prior_var)
+        else:
+            log_std = torch.full_like(self.mean, math.log(float(std)), dtype=torch.float64)
+        self.log_std = nn.Parameter(log_std.to(dtype).clone())
+
+    def var_stats(self, dtype=None):
+        ls = _cast(self.log_std, dtype).clamp(min=_LOG_STD_MIN)
+        return torch.exp(2 * ls).sum(), 2 * ls.sum()
+
+    def sample_noise(self, num: int) -> torch.Tensor:
+        S = torch.exp(self.log_std)
+        Z = torch.randn(num, *S.shape, dtype=S.dtype, device=S.device)
+        return self.U_G @ (S * Z) @ self.U_A.T
+
+    def linear_noise(self, a1: torch.Tensor) -> torch.Tensor:
+        a_rot = a1 @ self.U_A  # rows: U_Aᵀ ã
+        var = F.linear(a_rot * a_rot, torch.exp(2 * self.log_std))  # Σ_j S_oj² ã_rot,j²
+        xi = torch.sqrt(var) * torch.randn_like(var)
+        return xi @ self.U_G.T
+
+    @torch.no_grad()
+    def update_basis(self, G: torch.Tensor, A: torch.Tensor) -> None:
+        """Move to the eigenbasis of new factors (the "iter" variant).
+
+        The new variances are the diagonal of the current covariance in the new basis:
+        S′² = R_G S² R_Aᵀ with R = (U′ᵀU)∘(U′ᵀU). R is doubly stochastic, so tr Σ is kept and
+        ln det can only grow (Jensen): the KL does not increase at the switch.
+        """
+        eg, ug = _eigh(G)
+        ea, ua = _eigh(A)
+        ug, ua = ug.to(self.U_G.dtype), ua.to(self.U_A.dtype)
+        RG = (ug.T @ self.U_G) ** 2
+        RA = (ua.T @ self.U_A) ** 2
+        S2 = torch.exp(2 * self.log_std)
+        S2new = (RG @ S2 @ RA.T).clamp(min=math.exp(2 * _LOG_STD_MIN))
+        self.log_std.copy_(0.5 * torch.log(S2new))
+        self.U_G.copy_(ug)
+        self.U_A.copy_(ua)
+        self.eig_G.copy_(eg.to(self.eig_G.dtype))
+        self.eig_A.copy_(ea.to(self.eig_A.dtype))
+
+
+class ExactLayer(LayerPosterior):
+    """w = μ + U_k(σ_k ∘ z) + σ_⊥(I − U_kU_kᵀ)z′ in the layout vec(W̃) (row-major)."""
+
+    def __init__(self, module: nn.Module, U: torch.Tensor, evals: torch.Tensor, std: str | float,
+                 n: int, prior_var: float, std_scale: float = 1.0, std_min: float = 1e-6,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(module, dtype)
+        P = self.numel()
+        if U.ndim != 2 or U.shape[0] != P or U.shape[1] > P or evals.shape != (U.shape[1],):
+            raise KfacboundError(
+                f"exact eigenbasis of shape {tuple(U.shape)} does not fit a layer with {P} "
+                "parameters"
+            )
+        U64 = U.detach().to(torch.float64)
+        k = U64.shape[1]
+        self.k = k
+        self.register_buffer("U", U64.to(dtype))
+        self.register_buffer("evals", evals.detach().to(dtype))
+        mu = self.mean.detach().reshape(-1).to(torch.float64)
+        coef = U64.T @ mu
+        if std == "dr":
+            log_std = _init_log_std(coef, std_scale, std_min, math.sqrt(prior_var))
+            resid = mu - U64 @ coef
+            perp = (resid.norm() / math.sqrt(max(P - k, 1))).reshape(1)
+            log_perp = _init_log_std(perp, std_scale, std_min, math.sqrt(prior_var))
+        elif std == "curvature":
+            h = evals.detach().to(torch.float64).clamp(min=0.0)
+            log_std = 0.5 * -torch.log(n * h + 1.0 / prior_var)
+            # the complement holds the smallest curvature: treat it as flat (prior-sized std).
+            log_perp = torch.full((1,), 0.5 * math.log(prior_var), dtype=torch.float64)
+        else:
+            log_std = torch.full((k,), math.log(float(std)), dtype=torch.float64)
+            log_perp = torch.full((1,), math.log(float(std)), dtype=torch.float64)
+        self.log_std = nn.Parameter(log_std.to(dtype).clone())
+        self.log_std_perp = nn.Parameter(log_perp.to(dtype).clone())
+
+    def var_stats(self, dtype=None):
+        ls = _cast(self.log_std, dtype).clamp(min=_LOG_STD_MIN)
+        rest = self.numel() - self.k
+        sum_var = torch.exp(2 * ls).sum()
+        sum_log = 2 * ls.sum()
+        if rest > 0:
+            lp = _cast(self.log_std_perp, dtype).clamp(min=_LOG_STD_MIN)[0]
+            sum_var = sum_var + rest * torch.exp(2 * lp)
+            sum_log = sum_log + rest * 2 * lp
+        return sum_var, sum_log
+
+    def sample_noise(self, num: int) -> torch.Tensor:
+        std = torch.exp(self.log_std)
+        z = torch.randn(num, self.k, dtype=std.dtype, device=std.device)
+        noise = (z * std) @ self.U.T
+        if self.numel() > self.k:
+            zp = torch.randn(num, self.numel(), dtype=std.dtype, device=std.device)
+            zp = zp - (zp @ self.U) @ self.U.T
+            noise = noise + torch.exp(self.log_std_perp) * zp
+        return noise.reshape(num, self.out_dim, self.in1)
+
+
+def exact_eigenbasis(H: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, eigenvalues) of a dense symmetric layer block: all (k=None) or the top-k."""
+    evals, evecs = _eigh(H)
+    order = torch.argsort(evals, descending=True)
+    if k is not None:
+        order = order[:k]
+    return evecs[:, order], evals[order]
+
+
+class IsotropicPrior(nn.Module):
+    """P = N(w0, λI) over all posterior layers; λ = exp(log_lam) is trainable.
+
+    ``w0`` maps layer path → W̃0 (out × in1); ``None`` for a layer means a zero-centred prior.
+    """
+
+    def __init__(self, w0: Mapping[str, torch.Tensor | None], lam: float,
+                 c: float = GRID_C, b: float = GRID_B):
+        super().__init__()
+        self.paths = list(w0)
+        for i, path in enumerate(self.paths):
+            t = w0[path]
+            self.register_buffer(f"w0_{i}", None if t is None else t.detach().clone())
+        self.log_lam = nn.Parameter(torch.tensor(math.log(lam), dtype=torch.float64))
+        self.c, self.b = float(c), float(b)
+
+    def center(self, path: str) -> torch.Tensor | None:
+        return getattr(self, f"w0_{self.paths.index(path)}")
+
+    @property
+    def lam(self) -> torch.Tensor:
+        return torch.exp(self.log_lam)
+
+    def j_continuous(self) -> float:
+        return grid_j(float(self.lam), self.c, self.b)
+
+
+class GaussianPosterior(nn.Module):
+    """Q over a flat ``nn.Sequential``: Gaussian layers for every Linear/Conv2d child."""
+
+    def __init__(self, model: nn.Sequential, layers: Mapping[str, LayerPosterior], kind: str):
+        super().__init__()
+        if not isinstance(model, nn.Sequential):
+            raise UnsupportedModuleError("posteriors need an nn.Sequential model")
+        self.kind = kind
+        self.names = list(model._modules)
+        self.blocks = nn.ModuleDict()
+        self.layer_paths: list[str] = []
+        for name in self.names:
+            child = model._modules[name]
+            if name in layers:
+                self.blocks[name] = layers[name]
+                self.layer_paths.append(name)
+            elif any(True for _ in child.parameters()):
+                raise UnsupportedModuleError(
+                    f"module {name!r} ({type(child).__name__}) has parameters but no posterior; "
+                    "only Linear/Conv2d layers (and BatchNorm, folded) are supported"
+                )
+            else:
+                self.blocks[name] = child
+        self._template = copy.deepcopy(model).eval()
+
+    def layers(self) -> list[tuple[str, LayerPosterior]]:
+        return [(p, self.blocks[p]) for p in self.layer_paths]
+
+    def forward(self, x: torch.Tensor, sample: bool = True, per_example: bool = True):
+        for name in self.names:
+            block = self.blocks[name]
+            if name in self.layer_paths:
+                x = block(x, sample=sample, per_example=per_example)
+            else:
+                x = block(x)
+        return x
+
+    def numel(self) -> int:
+        return sum(layer.numel() for _, layer in self.layers())
+
+    def kl_terms(self, prior: IsotropicPrior, dtype: torch.dtype | None = None):
+        """(‖M − w0‖², tr Σ, ln det Σ, k) summed over layers (differentiable)."""
+        sq = sv = sl = 0.0
+        for path, layer in self.layers():
+            mean = layer.mean if dtype is None else layer.mean.to(dtype)
+            w0 = prior.center(path)
+            diff = mean if w0 is None else mean - w0.to(mean.dtype)
+            v, lv = layer.var_stats(dtype)
+            sq = sq + (diff * diff).sum()
+            sv = sv + v
+            sl = sl + lv
+        return sq, sv, sl, self.numel()
+
+    def kl(self, prior: IsotropicPrior, lam: torch.Tensor | float | None = None,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+        """KL(Q‖N(w0, λI)) in nats; ``lam`` defaults to the prior's current (learned) λ."""
+        sq, sv, sl, k = self.kl_terms(prior, dtype)
+        if lam is None:
+            lam = prior.lam if dtype is None else prior.lam.to(dtype)
+        return kl_isotropic_terms(sq, sv, sl, k, lam)
+
+    def mean_model(self) -> nn.Sequential:
+        """A copy of the deterministic network with weights set to the posterior means."""
+        model = copy.deepcopy(self._template)
+        for path, layer in self.layers():
+            mod = model._modules[path]
+            set_layer_matrix(mod, layer.mean.detach().to(mod.weight.dtype))
+        return model
+
+
+def build_posterior(
+    model: nn.Module,
+    kind: str = "diag",
+    *,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    eigenbases: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    std_init: str | float = "dr",
+    std_scale: float = 1.0,
+    std_min: float = 1e-6,
+    n: int = 1,
+    prior_var: float = GRID_C,
+    dtype: torch.dtype = torch.float32,
+) -> GaussianPosterior:
+    """Build Q for ``model`` (BatchNorm is folded first; the model itself is not modified).
+
+    ``factors``: {path: (G, A)} K-FAC factors in the layout of kfacbound.curvature.layout
+    (needed for ``kind='kfac'`` and for ``std_init='curvature'`` with ``kind='diag'``).
+    ``eigenbases``: {path: (U, eigenvalues)} of the exact layer blocks (``kind='exact'``;
+    U has k ≤ P orthonormal columns, see :func:`exact_eigenbasis`).
+    ``n``: number of bound-set examples (for the curvature-informed std).
+    ``prior_var``: λ of the prior; stds are clamped to ≤ √λ at initialisation.
+    """
+    if kind not in POSTERIORS:
+        raise KfacboundError(f"unknown posterior {kind!r}; choose from {', '.join(POSTERIORS)}")
+    if isinstance(std_init, str) and std_init not in STD_INITS:
+        raise KfacboundError(f"unknown std init {std_init!r}; choose from {STD_INITS} or a number")
+    model = _ensure_folded(model)
+    layers: dict[str, LayerPosterior] = {}
+    for path, module in curvature_layers(model):
+        if "." in path:
+            raise UnsupportedModuleError(
+                f"layer {path!r} is nested; posteriors need a flat nn.Sequential"
+            )
+        if kind == "diag":
+            mat = layer_matrix(module).detach().to(torch.float64)
+            if std_init == "dr":
+                log_std = _init_log_std(mat, std_scale, std_min, math.sqrt(prior_var))
+            elif std_init == "curvature":
+                if factors is None or path not in factors:
+                    raise KfacboundError(f"std_init='curvature' needs K-FAC factors for {path!r}")
+                G, A = factors[path]
+                h = torch.outer(torch.diagonal(G).double(), torch.diagonal(A).double())
+                log_std = 0.5 * -torch.log(n * h.clamp(min=0) + 1.0 / prior_var)
+            else:
+                log_std = torch.full_like(mat, math.log(float(std_init)))
+            layers[path] = DiagLayer(module, torch.exp(log_std), dtype)
+        elif kind == "kfac":
+            if factors is None or path not in factors:
+                raise KfacboundError(f"the K-FAC posterior needs factors for layer {path!r}")
+            G, A = factors[path]
+            layers[path] = KronLayer(module, G, A, std_init, n, prior_var, std_scale, std_min,
+                                     dtype)
+        else:
+            if eigenbases is None or path not in eigenbases:
+                raise KfacboundError(f"the exact posterior needs an eigenbasis for layer {path!r}")
+            U, ev = eigenbases[path]
+            layers[path] = ExactLayer(module, U, ev, std_init, n, prior_var, std_scale, std_min,
+                                      dtype)
+    if not layers:
+        raise UnsupportedModuleError("the model has no Linear/Conv2d layer to put a posterior on")
+    return GaussianPosterior(model, layers, kind)
+
+
+def build_prior(
+    posterior: GaussianPosterior,
+    init_model: nn.Module | None,
+    lam: float | None = None,
+    c: float = GRID_C,
+    b: float = GRID_B,
+) -> IsotropicPrior:
+    """P = N(w0, λI) with w0 the (BatchNorm-folded) initial weights of ``init_model``.
+
+    ``init_model=None``: zero-centred prior, with a warning (the checkpoint has no w0).
+    ``lam=None``: the KL-optimal λ = (tr Σ + ‖M − w0‖²)/k for the current Q, capped at the
+    first grid point c·exp(−1/b).
+    """
+    w0: dict[str, torch.Tensor | None] = {}
+    if init_model is None:
+        warnings.warn(
+            "no initial weights w0: using a zero-centred prior N(0, λI); bounds are looser",
+            stacklevel=2,
+        )
+        w0 = {path: None for path in posterior.layer_paths}
+    else:
+        init = _ensure_folded(init_model)
+        mods = dict(curvature_layers(init))
+        for path, layer in posterior.layers():
+            if path not in mods or layer_matrix(mods[path]).shape != layer.mean.shape:
+                raise KfacboundError(
+                    f"the initial model does not match the trained model at layer {path!r}"
+                )
+            w0[path] = layer_matrix(mods[path]).detach().to(layer.mean.dtype)
+    prior = IsotropicPrior(w0, 1.0, c, b)
+    if lam is None:
+        with torch.no_grad():
+            sq, sv, _, k = posterior.kl_terms(prior, torch.float64)
+            lam = (float(sq) + float(sv)) / k
+        lam = min(lam, c * math.exp(-1.0 / b))
+    with torch.no_grad():
+        prior.log_lam.fill_(math.log(lam))
+    return prior

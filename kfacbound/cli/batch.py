@@ -1,0 +1,74 @@
+"""``kfacbound batch SPEC --out DIR``: run a grid of jobs resumably (see kfacbound.batch)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+from ..batch.executors import EXECUTORS
+from ..batch.runner import run_batch
+from ..batch.spec import load_spec
+
+
+@click.command("batch")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False),
+              help="Output directory: results.jsonl, checkpoints/, summary.csv, report.md.")
+@click.option("--workers", "-j", type=int, default=1, show_default=True,
+              help="Jobs run at once (local processes or Ray tasks).")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
+              help="inline: in this process; local: spawned worker processes; ray: Ray tasks.")
+@click.option("--threads", type=int, default=None,
+              help="torch threads per job [default: max(1, cores // workers)].")
+@click.option("--ray-address", default=None, envvar="RAY_ADDRESS",
+              help="Ray cluster address (env RAY_ADDRESS); default: start a local Ray.")
+@click.option("--retry-failed", is_flag=True,
+              help="Run jobs whose recorded status is error again (default: keep them).")
+@click.option("--dry-run", is_flag=True,
+              help="List the jobs and whether each would run; run nothing.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar over jobs on stderr.")
+def command(spec: str, out: str, workers: int, executor: str, threads: int | None,
+            ray_address: str | None, retry_failed: bool, dry_run: bool, progress: bool) -> None:
+    """Run the grid described by the TOML file SPEC, resumably.
+
+    Every finished job appends one JSON record to OUT/results.jsonl; a rerun of the same spec
+    skips jobs already recorded as ok (also after the run was killed), keeps failed ones unless
+    --retry-failed, and regenerates OUT/summary.csv and OUT/report.md. Exit code 0 when every
+    job is ok, 1 when some failed, 2 for bad input. The spec format is documented in
+    kfacbound/batch/spec.py and scripts/specs/smoke.toml.
+
+    Example: kfacbound batch scripts/specs/smoke.toml --out smoke-out --workers 2
+    """
+    from pathlib import Path
+
+    from ..batch.runner import RESULTS, latest_records
+
+    batch = load_spec(spec)
+    if dry_run:
+        previous = latest_records(Path(out) / RESULTS)
+        for job in batch.jobs:
+            rec = previous.get(job.key)
+            status = rec["status"] if rec else "new"
+            action = "skip" if status == "ok" or (status == "error" and not retry_failed) \
+                else "run"
+            label = job.config.get("label") or {}
+            seed = job.config.get("seeds", job.config.get("seed"))
+            click.echo(f"{job.key[:12]}  {job.kind:<10} {str(label.get('dataset')):<14} "
+                       f"{str(label.get('arch')):<14} bn={job.config.get('bn')!s:<5} "
+                       f"seed={seed}  {status:<5} -> {action}")
+        click.echo(f"{len(batch.jobs)} jobs", err=True)
+        return
+    command_line = "kfacbound batch " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 2 and sys.argv[1] == "batch" else \
+        f"kfacbound batch {shlex.quote(spec)} --out {shlex.quote(out)}"
+    outcome = run_batch(batch, out, executor=executor, workers=workers, threads=threads,
+                        ray_address=ray_address, retry_failed=retry_failed, progress=progress,
+                        command=command_line)
+    click.echo(f"{outcome.summary()}; report: {outcome.report}", err=True)
+    if outcome.all_failed:
+        click.echo(f"{len(outcome.all_failed)} job(s) failed: see {out}/report.md "
+                   "(rerun with --retry-failed to try them again)", err=True)
+        sys.exit(1)

@@ -1,0 +1,143 @@
+"""`kfacbound bound CKPT`: certify a PAC-Bayes bound for a checkpoint and write the JSON.
+
+Thin layer over :func:`kfacbound.bounds.certify.certify_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..bounds.certify import (
+    CURVATURES,
+    DEFAULT_BATCH,
+    DEFAULT_ITERATIONS,
+    DEFAULT_LR,
+    certify_checkpoint,
+)
+from ..bounds.optimize import OBJECTIVES
+from ..bounds.pacbayes import FORMULAS, GRID_B, GRID_C
+from ..bounds.posteriors import POSTERIORS
+from ..errors import KfacboundError
+from .common import (
+    dataset_from_options,
+    dataset_options,
+    device_option,
+    open_checkpoint,
+    progress_option,
+    with_dataset,
+    write_json,
+)
+
+
+def _std_init(value: str) -> str | float:
+    if value in ("dr", "curvature"):
+        return value
+    try:
+        v = float(value)
+    except ValueError:
+        raise KfacboundError(
+            f"--std-init must be 'dr', 'curvature' or a number, not {value!r}"
+        ) from None
+    if v <= 0:
+        raise KfacboundError("--std-init must be positive")
+    return v
+
+
+def _check_prob(name: str, v: float) -> None:
+    if not 0.0 < v < 1.0:
+        raise KfacboundError(f"{name} must lie in (0, 1), got {v}")
+
+
+@click.command("bound")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@dataset_options(required=False)
+@click.option("--posterior", type=click.Choice(POSTERIORS), default="diag", show_default=True,
+              help="diag (Dziugaite & Roy), kfac (K-FAC eigenbasis), exact (exact layer blocks).")
+@click.option("--curvature", type=click.Choice(CURVATURES), default="kflr", show_default=True,
+              help="K-FAC flavour for the kfac posterior (exact Λ or MC-sampled).")
+@click.option("--iterations", type=int, default=DEFAULT_ITERATIONS, show_default=True,
+              help="RMSprop steps on the Dziugaite & Roy objective.")
+@click.option("--lr", type=float, default=DEFAULT_LR, show_default=True,
+              help="RMSprop learning rate (stds, λ; and means unless --mean-lr).")
+@click.option("--mean-lr", type=float, default=None, help="Separate learning rate of the means.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="pinsker", show_default=True,
+              help="pinsker: surrogate + √(B/2) (Dziugaite & Roy); kl: kl⁻¹(surrogate, B).")
+@click.option("--batch-size", type=int, default=DEFAULT_BATCH, show_default=True)
+@click.option("--std-init", default="dr", show_default=True,
+              help="'dr' (|w| in the posterior basis), 'curvature' (Laplace-like) or a number.")
+@click.option("--std-scale", type=float, default=1.0, show_default=True,
+              help="Factor on the 'dr' std initialisation.")
+@click.option("--basis-every", type=int, default=None,
+              help="kfac: recompute the eigenbasis at the current mean every K steps.")
+@click.option("--exact-k", type=int, default=None,
+              help="exact: keep the top-k eigenvectors per layer (default all).")
+@click.option("--formula", type=click.Choice(FORMULAS), default="maurer", show_default=True,
+              help="Complexity term: maurer (KL+ln(2√n/δ))/n or dr (KL+ln(n/δ))/(n−1).")
+@click.option("--delta", type=float, default=0.025, show_default=True)
+@click.option("--delta-prime", type=float, default=0.01, show_default=True)
+@click.option("--mc-passes", type=int, default=10, show_default=True,
+              help="Passes over the bound set, one posterior sample per example each.")
+@click.option("--prior-split", type=float, default=None,
+              help="Train the prior mean on this fraction of the training data; certify on the "
+              "rest.")
+@click.option("--prior-epochs", type=int, default=1, show_default=True)
+@click.option("--grid-c", type=float, default=GRID_C, show_default=True)
+@click.option("--grid-b", type=float, default=GRID_B, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@device_option
+@progress_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the certificate JSON here.")
+@with_dataset
+def command(checkpoint: str, data_opts: dict[str, Any], **kw: Any) -> None:
+    """Certify a PAC-Bayes bound for CHECKPOINT (holds with probability ≥ 1 − δ − δ′)."""
+    _check_prob("--delta", kw["delta"])
+    _check_prob("--delta-prime", kw["delta_prime"])
+    if kw["delta"] + kw["delta_prime"] >= 1:
+        raise KfacboundError("--delta + --delta-prime must be below 1")
+    if kw["prior_split"] is not None:
+        _check_prob("--prior-split", kw["prior_split"])
+    for name in ("iterations", "mc_passes", "batch_size"):
+        if kw[name] < (0 if name == "iterations" else 1):
+            raise KfacboundError(f"--{name.replace('_', '-')} is too small: {kw[name]}")
+    ckpt = open_checkpoint(checkpoint)
+    train = dataset_from_options(data_opts, "train", ckpt)
+    try:
+        test = dataset_from_options(data_opts, "test", ckpt)
+    except KfacboundError:
+        test = None
+    cert = certify_checkpoint(
+        ckpt, train, posterior=kw["posterior"], curvature=kw["curvature"],
+        iterations=kw["iterations"], delta=kw["delta"], delta_prime=kw["delta_prime"],
+        mc_passes=kw["mc_passes"], prior_split=kw["prior_split"], device=kw["device"],
+        seed=kw["seed"], progress=kw["progress"], test_dataset=test, formula=kw["formula"],
+        lr=kw["lr"], mean_lr=kw["mean_lr"], objective=kw["objective"],
+        batch_size=kw["batch_size"], std_init=_std_init(kw["std_init"]),
+        std_scale=kw["std_scale"], basis_every=kw["basis_every"], exact_k=kw["exact_k"],
+        prior_epochs=kw["prior_epochs"], c=kw["grid_c"], b=kw["grid_b"],
+    )
+    if kw["output"]:
+        write_json(kw["output"], cert)
+    click.echo(summary(cert))
+    if kw["output"]:
+        click.echo(f"certificate written to {kw['output']}")
+
+
+def summary(cert: dict[str, Any]) -> str:
+    """A readable multi-line summary of a certificate."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [
+        f"PAC-Bayes bound ({cert['posterior']} posterior, {cert['formula']} form): "
+        f"{cert['bound']:.4f}  (confidence {cert['confidence']:.3f})",
+        f"  n = {cert['n']}, δ = {cert['delta']}, δ′ = {cert['delta_prime']}, "
+        f"prior centre: {cert['prior']['center']}",
+        f"  KL = {cert['kl']:.1f} nats, j = {cert['j']}, λ = {cert['lambda']:.4e}",
+        f"  stochastic train error ê_N = {cert['mc_error']:.4f} over N = {cert['mc_samples']}"
+        f" draws, upper bound {cert['mc_error_bound']:.4f}",
+        f"  deterministic train/test error: {fmt(cert['train_error'])} / "
+        f"{fmt(cert['test_error'])}; stochastic test error: {fmt(cert['test_error_stochastic'])}",
+        "  other formulas: " + ", ".join(f"{k} {v:.4f}" for k, v in cert["bounds"].items()),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Results grid of issue 4: train Dziugaite & Roy's networks, certify diagonal and K-FAC bounds.
+
+One command regenerates one table, e.g. binary Fashion-MNIST (60k), data-free prior:
+
+    python scripts/bound_results.py --dataset fashion-mnist --binary \
+        --nets T-600 T-1200 T-300-300 T-600-600 --variants diag kfac \
+        --out results/bounds/fashion_binary.json
+
+Each network is trained with D&R's recipe (SGD lr 0.01, momentum 0.9, batch 100, 20 epochs,
+their initialisation, seed 0), then every posterior variant is certified with the same seed.
+A variant is ``POSTERIOR[,key=value...]`` (e.g. ``kfac,std_init=curvature``, ``kfac,mean_lr=1e-4``).
+``--random-labels`` replaces the training labels by seeded coin flips (the R-600 column).
+Writes one JSON (all certificates) and a Markdown table beside it (same stem, .md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kfacbound.bounds.certify import certify_checkpoint  # noqa: E402
+from kfacbound.data import load_dataset  # noqa: E402
+from kfacbound.train import TrainConfig, train_model  # noqa: E402
+
+# Dziugaite & Roy 2017, Table 1 (real MNIST, n = 55,000): test error, SNN test, bound, KL.
+DR_PUBLISHED = {
+    "T-600": (0.018, 0.034, 0.161, 5144),
+    "T-1200": (0.018, 0.035, 0.179, 5977),
+    "T-300-300": (0.015, 0.034, 0.170, 5791),
+    "T-600-600": (0.016, 0.033, 0.186, 6534),
+    "R-600": (0.508, 0.503, 1.352, 201131),
+}
+
+
+def parse_variant(text: str) -> dict:
+    """``POSTERIOR[,key=value...]`` with keys of certify_checkpoint (std_init, std_scale,
+    lr, mean_lr, basis_every, iterations)."""
+    parts = text.split(",")
+    out: dict = {"posterior": parts[0]}
+    for item in parts[1:]:
+        key, value = item.split("=")
+        if (key == "std_init" and value in ("dr", "curvature")) or key == "objective":
+            out[key] = value
+        elif key in ("basis_every", "iterations"):
+            out[key] = int(value)
+        else:
+            out[key] = float(value)
+    return out
+
+
+def arch_of(net: str) -> str | dict:
+    """A zoo name (T-600, ...) or ``fc:W1-W2`` (ReLU MLP, D&R initialisation)."""
+    if net.startswith("fc:"):
+        return {"arch": "fc", "widths": [int(w) for w in net[3:].split("-")],
+                "activation": "relu", "init": "dr"}
+    return net
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--binary", action="store_true")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--subset", type=int, default=None)
+    ap.add_argument("--downsample", type=int, default=None)
+    ap.add_argument("--nets", nargs="+", default=["T-600"],
+                    help="zoo names (T-600, T-1200, T-300-300, T-600-600) or fc:W1-W2")
+    ap.add_argument("--variants", nargs="+", default=["diag", "kfac"])
+    ap.add_argument("--random-labels", action="store_true")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--iterations", type=int, default=20000)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--mc-passes", type=int, default=10)
+    ap.add_argument("--prior-split", type=float, default=None)
+    ap.add_argument("--basis-every", type=int, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    opts = {"binary": args.binary, "data_dir": args.data_dir}
+    if args.subset:
+        opts["subset"] = args.subset
+    if args.downsample:
+        opts["downsample"] = args.downsample
+    train = load_dataset(args.dataset, split="train", **opts)
+    test = load_dataset(args.dataset, split="test", **opts)
+    if args.random_labels:
+        g = torch.Generator().manual_seed(args.seed + 123)
+        X, y = train.tensors
+        y_rand = torch.randint(0, train.num_classes, y.shape, generator=g)
+        train = type(train)(X, y_rand, train.num_classes, dict(train.spec, random_labels=True))
+    rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for net in args.nets:
+        t0 = time.perf_counter()
+        cfg = TrainConfig(epochs=args.epochs, lr=0.01, momentum=0.9, batch_size=100,
+                          seed=args.seed, device=args.device)
+        model, init, metrics = train_model(arch_of(net), train, test, cfg,
+                                           progress=args.progress)
+        train_time = time.perf_counter() - t0
+        name = ("R-" + net[2:]) if args.random_labels else net
+        print(f"[{name}] trained in {train_time:.0f}s: "
+              f"{ {k: v for k, v in metrics.items() if k != 'history'} }", flush=True)
+        for text in args.variants:
+            kw = {"iterations": args.iterations, "lr": args.lr,
+                  "basis_every": args.basis_every, **parse_variant(text)}
+            cert = certify_checkpoint(
+                model, train, mc_passes=args.mc_passes, prior_split=args.prior_split,
+                device=args.device, seed=args.seed, progress=args.progress, init_model=init,
+                test_dataset=test, **kw,
+            )
+            cert.update(net=name, variant=text, train_metrics={
+                k: v for k, v in metrics.items() if k != "history"}, train_time_s=train_time)
+            rows.append(cert)
+            print(f"[{name} {text}] bound {cert['bound']:.4f} KL {cert['kl']:.0f} "
+                  f"SNN train {cert['mc_error']:.4f} SNN test {cert['test_error_stochastic']:.4f}"
+                  f" test {cert['test_error']:.4f} ({cert['time_s']['total']:.0f}s)", flush=True)
+            out.write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text(table(rows, args) + "\n")
+    print(table(rows, args))
+
+
+def table(rows: list[dict], args) -> str:
+    head = (f"Dataset {args.dataset}{' (binary)' if args.binary else ''}, "
+            f"n = {rows[0]['n'] if rows else '?'}, prior: "
+            f"{'data-dependent ' + str(args.prior_split) if args.prior_split else 'data-free (w0)'}"
+            f", {args.iterations} RMSprop steps, δ = 0.025, δ′ = 0.01, "
+            f"{args.mc_passes} MC passes.\n\n")
+    lines = ["| net | posterior | test err | SNN train (ê_N) | SNN test | KL | bound | "
+             "D&R bound / KL (MNIST 55k) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pub = DR_PUBLISHED.get(r["net"])
+        pubs = f"{pub[2]:.3f} / {pub[3]}" if pub else "–"
+        lines.append(
+            f"| {r['net']} | {r['variant']} | {r['test_error']:.4f} | {r['mc_error']:.4f} | "
+            f"{r['test_error_stochastic']:.4f} | {r['kl']:.0f} | {r['bound']:.4f} | {pubs} |"
+        )
+    return head + "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,514 @@
+"""Batch machinery: spec expansion, atomic records, resume after kill -9, failure isolation,
+worker death, dependencies, executors (local processes, Ray), reports.
+
+The jobs here are tiny fake kinds defined in this module (workers import it by name), so the
+tests exercise the machinery, not the analyses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kfacbound.batch import (
+    append_record,
+    latest_records,
+    parse_spec,
+    read_records,
+    run_batch,
+)
+from kfacbound.batch.spec import canonical_json, job_key
+from kfacbound.cli import main
+from kfacbound.errors import KfacboundError
+
+HERE = __name__  # module name under which workers import the fake job functions
+ROOT = Path(__file__).resolve().parents[HERE.count(".")]  # sys.path entry that holds it
+
+
+# ---------------------------------------------------------------------------- fake job kinds
+
+
+def echo_job(config, out_dir):
+    return {"value": config["options"].get("value"), "seed": config.get("seed"),
+            "pid": os.getpid()}
+
+
+def sleep_job(config, out_dir):
+    time.sleep(float(config["options"].get("seconds", 0.5)))
+    return {"slept": config["options"].get("seconds", 0.5), "i": config["options"].get("i")}
+
+
+def fail_job(config, out_dir):
+    raise ValueError(f"boom {config['options'].get('value')}")
+
+
+def crash_job(config, out_dir):
+    os._exit(17)  # a worker dying hard (segfault, OOM killer)
+
+
+def threads_job(config, out_dir):
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
+
+
+def fake_train(config, out_dir):
+    """Writes a 'checkpoint' (temp name + rename) naming its seed; fails for seed 13."""
+    if config["seed"] == 13:
+        raise RuntimeError("diverged")
+    path = Path(out_dir) / "checkpoints" / f"{job_key(config)}.kfb"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"seed": config["seed"], "bn": config["bn"]}))
+    os.replace(tmp, path)
+    return {"checkpoint": str(path.relative_to(out_dir)), "train_error": 0.1}
+
+
+def read_ckpt_job(config, out_dir):
+    from kfacbound.batch.jobs import needed_checkpoints
+
+    return {"seeds_read": [json.loads(p.read_text())["seed"]
+                           for p in needed_checkpoints(config, out_dir)]}
+
+
+KINDS = f"""
+[kinds]
+echo = "{HERE}:echo_job"
+sleep = "{HERE}:sleep_job"
+fail = "{HERE}:fail_job"
+crash = "{HERE}:crash_job"
+threads = "{HERE}:threads_job"
+train = "{HERE}:fake_train"
+read1 = {{ entry = "{HERE}:read_ckpt_job", needs = "checkpoint" }}
+readall = {{ entry = "{HERE}:read_ckpt_job", needs = "checkpoints" }}
+"""
+
+
+def spec_text(body: str) -> str:
+    return body + KINDS
+
+
+def statuses(out: Path) -> dict[str, str]:
+    return {k: r["status"] for k, r in latest_records(out / "results.jsonl").items()}
+
+
+# ---------------------------------------------------------------------------- spec
+
+
+def test_spec_expands_grid_with_dependencies():
+    spec = parse_spec(spec_text("""
+seeds = [0, 1, 2]
+bn = [false, true]
+datasets = [{ name = "digits", label = "dg" }]
+architectures = [{ arch = "fc", widths = [8], label = "tiny" }, "lenet5"]
+[train]
+epochs = 1
+[[analyses]]
+kind = "read1"
+[analyses.grid]
+posterior = ["diag", "kfac"]
+[[analyses]]
+kind = "readall"
+"""))
+    kinds = [j.kind for j in spec.jobs]
+    cells = 1 * 2 * 2  # datasets × archs × bn
+    assert kinds.count("train") == cells * 3
+    assert kinds.count("read1") == cells * 3 * 2
+    assert kinds.count("readall") == cells  # one per cell, all seeds
+    keys = [j.key for j in spec.jobs]
+    assert len(set(keys)) == len(keys)
+    by_key = {j.key: j for j in spec.jobs}
+    position = {k: i for i, k in enumerate(keys)}
+    for job in spec.jobs:
+        # the key is sha256 of the canonical JSON of the full config without its labels
+        assert job.key == job_key(job.config)
+        assert job_key(dict(job.config, label={"x": 1})) == job.key
+        for need in job.needs:  # dependencies come first and are train jobs of the same cell
+            assert position[need] < position[job.key]
+            dep = by_key[need].config
+            assert by_key[need].kind == "train"
+            assert (dep["dataset"], dep["arch"], dep["bn"]) == (
+                job.config["dataset"], job.config["arch"], job.config["bn"])
+        if job.kind == "read1":
+            assert by_key[job.needs[0]].config["seed"] == job.config["seed"]
+        if job.kind == "readall":
+            assert sorted(by_key[n].config["seed"] for n in job.needs) == [0, 1, 2]
+    train = next(j for j in spec.jobs if j.kind == "train")
+    # fully resolved: architecture defaults and every TrainConfig field are in the config
+    assert train.config["arch"]["activation"] == "relu" and "momentum" in train.config["options"]
+    assert train.config["arch"]["bn"] == train.config["bn"]
+    # keys are stable across parses and change with any option
+    again = parse_spec(spec.text)
+    assert [j.key for j in again.jobs] == keys
+    changed = parse_spec(spec.text.replace("epochs = 1", "epochs = 2"))
+    assert set(keys).isdisjoint(j.key for j in changed.jobs)  # dependents change with needs
+
+
+@pytest.mark.parametrize("body, message", [
+    ("sedes = [0]\nanalyses = ['echo']", "unknown key(s) 'sedes'"),
+    ("seeds = [0, 0]\nanalyses = ['echo']", "duplicates"),
+    ("seeds = [-1]\nanalyses = ['echo']", "non-negative"),
+    ("bn = 'yes'\nanalyses = ['echo']", "bn must be"),
+    ("analyses = ['nope']", "unknown job kind 'nope'"),
+    ("datasets = ['imagenet']\nanalyses = ['echo']", "unknown dataset 'imagenet'"),
+    ("datasets = [{ name = 'digits', colour = 1 }]\nanalyses = ['echo']",
+     "unknown dataset option 'colour'"),
+    ("architectures = [{ arch = 'fc', activation = 'swish' }]\nanalyses = ['echo']",
+     "unknown activation"),
+    ("architectures = [{ arch = 'fc', widht = [3] }]\nanalyses = ['echo']",
+     "unknown key(s) 'widht'"),
+    ("architectures = [{ arch = 'fc', bn = true }]\nanalyses = ['echo']", "top-level bn"),
+    ("datasets = ['digits']\narchitectures = ['fc']\n[train]\nepoch = 3", "'epoch'"),
+    ("datasets = ['digits']\narchitectures = ['fc']\n[train]\nlr = -1.0", "lr must be"),
+    ("analyses = ['read1']", "at least one [[datasets]]"),
+    ("[[analyses]]\nkind = 'echo'\nvalue = 1\n[analyses.grid]\nvalue = [1, 2]",
+     "both an option and a grid axis"),
+    ("[[analyses]]\nkind = 'echo'\n[analyses.grid]\nvalue = []", "non-empty list"),
+    ("seeds = [", "not valid TOML"),
+])
+def test_spec_errors_are_clear(body, message):
+    with pytest.raises(KfacboundError) as info:
+        parse_spec(spec_text(body) if "[kinds]" not in body else body, where="s.toml")
+    assert message in str(info.value)
+    assert str(info.value).startswith("s.toml")
+
+
+def test_spec_validates_builtin_analysis_options():
+    with pytest.raises(KfacboundError, match="unknown job kind"):
+        parse_spec("analyses = ['bounds']")
+    with pytest.raises(KfacboundError, match="train jobs are implied"):
+        parse_spec("analyses = ['train']")
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def test_records_tolerate_truncated_last_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_record(path, {"key": "a", "status": "ok", "x": float("nan")})
+    with open(path, "ab") as fh:  # a crash in the middle of a line
+        fh.write(b'{"key": "b", "status": "o')
+    assert [r["key"] for r in read_records(path)] == ["a"]
+    assert read_records(path)[0]["x"] is None  # strict JSON: NaN stored as null
+    append_record(path, {"key": "c", "status": "ok"})
+    assert [r["key"] for r in read_records(path)] == ["a", "c"]
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and json.loads(lines[-2])["key"] == "c"
+
+
+def test_concurrent_appends_never_interleave(tmp_path):
+    path = tmp_path / "results.jsonl"
+    big = "x" * 200_000  # larger than a pipe buffer: one write still yields one whole line
+
+    def writer(t):
+        for i in range(15):
+            append_record(path, {"key": f"{t}-{i}", "status": "ok", "pad": big})
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = [ln for ln in path.read_bytes().split(b"\n") if ln]
+    assert len(lines) == 60
+    assert sorted(json.loads(ln)["key"] for ln in lines) == sorted(
+        f"{t}-{i}" for t in range(4) for i in range(15))
+    assert canonical_json({"b": 1, "a": [1.5]}) == '{"a":[1.5],"b":1}'
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def test_failure_isolation_and_dependencies_inline(tmp_path):
+    spec = parse_spec(spec_text("""
+seeds = [0, 13]
+datasets = ["digits"]
+architectures = [{ arch = "fc", widths = [4] }]
+[[analyses]]
+kind = "read1"
+[[analyses]]
+kind = "readall"
+[[analyses]]
+kind = "echo"
+[analyses.grid]
+value = [1, 2]
+[[analyses]]
+kind = "fail"
+value = 7
+"""))
+    out = tmp_path / "out"
+    outcome = run_batch(spec, out, executor="inline", progress=False)
+    recs = latest_records(out / "results.jsonl")
+    assert set(recs) == {j.key for j in spec.jobs}  # every job recorded, failed or not
+    by_kind: dict[str, list] = {}
+    for job in spec.jobs:
+        by_kind.setdefault(job.kind, []).append(recs[job.key])
+    # seed 13's train fails: its read1 and the all-seed readall fail as dependency errors
+    for rec in by_kind["train"] + by_kind["read1"]:
+        assert rec["status"] == ("error" if rec["config"]["seed"] == 13 else "ok")
+    assert by_kind["read1"][0]["result"] == {"seeds_read": [0]}
+    assert {r["error"]["type"] for r in by_kind["read1"] if r["status"] == "error"} == {
+        "DependencyFailed"}
+    assert by_kind["readall"][0]["status"] == "error"
+    assert "diverged" in by_kind["readall"][0]["error"]["message"]
+    assert all(r["status"] == "ok" for r in by_kind["echo"])
+    fail = by_kind["fail"]
+    assert {r["error"]["type"] for r in fail} == {"ValueError"}
+    assert all("boom 7" in r["error"]["message"] and "fail_job" in r["error"]["traceback"]
+               for r in fail)
+    assert len(outcome.failed) == 1 + 1 + 1 + 2  # train, read1, readall, fail × 2 seeds
+    rec = by_kind["echo"][0]
+    assert rec["versions"]["torch"] and rec["timing"]["wall_s"] >= 0
+    # a rerun keeps the failures (no new records) unless asked to retry them
+    n_lines = len(read_records(out / "results.jsonl"))
+    again = run_batch(spec, out, executor="inline", progress=False)
+    assert len(read_records(out / "results.jsonl")) == n_lines
+    assert sorted(again.kept_failed) == sorted(outcome.failed) and again.ran == 0
+    retry = run_batch(spec, out, executor="inline", progress=False, retry_failed=True)
+    assert retry.ran == len(outcome.failed) - 2  # the 2 dependents of train 13 fail unrun
+    assert len(read_records(out / "results.jsonl")) == n_lines + len(outcome.failed)
+    # a deleted checkpoint makes its train job (only) run again
+    train0 = next(j for j in spec.jobs if j.kind == "train" and j.config["seed"] == 0)
+    (out / "checkpoints" / f"{train0.key}.kfb").unlink()
+    again = run_batch(spec, out, executor="inline", progress=False)
+    assert again.ran == 1 and (out / "checkpoints" / f"{train0.key}.kfb").exists()
+
+
+def test_cli_exit_code_and_report(tmp_path):
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text(spec_text("""
+name = "cli-test"
+[[analyses]]
+kind = "echo"
+[analyses.grid]
+value = [1, 2, 3]
+"""))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    res = runner.invoke(main, ["batch", str(spec_file), "--out", str(out), "--executor",
+                               "inline", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    csv_text = (out / "summary.csv").read_text()
+    assert csv_text.splitlines()[0].startswith("key,kind,status,dataset,arch,bn,seed")
+    assert "opt.value" in csv_text.splitlines()[0] and len(csv_text.splitlines()) == 4
+    report = (out / "report.md").read_text()
+    assert "# Batch report: cli-test" in report and "## echo (3 jobs)" in report
+    assert 'kind = "echo"' in report  # the spec is in the header
+    assert "kfacbound batch" in report
+    # add a failing job: exit code 1, failure listed; dry run shows what would run
+    spec_file.write_text(spec_file.read_text().replace(
+        "[kinds]", "[[analyses]]\nkind = \"fail\"\n\n[kinds]"))
+    res = runner.invoke(main, ["batch", str(spec_file), "--out", str(out), "--dry-run"])
+    assert res.exit_code == 0 and res.output.count("-> skip") == 3
+    assert res.output.count("-> run") == 1
+    res = runner.invoke(main, ["batch", str(spec_file), "--out", str(out), "--executor",
+                               "inline", "--no-progress"])
+    assert res.exit_code == 1
+    assert "## Failures" in (out / "report.md").read_text()
+    assert "boom" in (out / "report.md").read_text()
+    # bad input: exit code 2 with one line
+    spec_file.write_text("analyses = ['nope']")
+    res = runner.invoke(main, ["batch", str(spec_file), "--out", str(out)])
+    assert res.exit_code == 2 and "unknown job kind" in res.output
+
+
+def test_local_workers_threads_and_worker_death(tmp_path):
+    spec = parse_spec(spec_text("""
+[[analyses]]
+kind = "crash"
+[[analyses]]
+kind = "sleep"
+seconds = 0.3
+[analyses.grid]
+i = [1, 2, 3]
+[[analyses]]
+kind = "threads"
+"""))
+    out = tmp_path / "out"
+    outcome = run_batch(spec, out, executor="local", workers=2, threads=1, progress=False)
+    recs = latest_records(out / "results.jsonl")
+    kinds = {j.key: j.kind for j in spec.jobs}
+    assert len(recs) == len(spec.jobs)
+    crash = [r for k, r in recs.items() if kinds[k] == "crash"]
+    assert crash[0]["status"] == "error" and crash[0]["error"]["type"] == "WorkerDied"
+    assert outcome.failed == [crash[0]["key"]]
+    # the sleep job in flight with the crash is run again alone and succeeds
+    sleeps = [r for k, r in recs.items() if kinds[k] == "sleep"]
+    assert [r["status"] for r in sleeps] == ["ok"] * 3
+    assert all(r["pid"] != os.getpid() for r in sleeps)  # ran in worker processes
+    threads = next(r for k, r in recs.items() if kinds[k] == "threads")
+    assert threads["result"] == {"torch_threads": 1, "omp": "1"}
+
+
+def _count(path: Path) -> int:
+    return len(read_records(path)) if path.exists() else 0
+
+
+def test_resume_after_kill_9(tmp_path):
+    n = 8
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text(spec_text(f"""
+[[analyses]]
+kind = "sleep"
+seconds = 0.4
+[analyses.grid]
+i = {list(range(n))}
+"""))
+    out = tmp_path / "out"
+    results = out / "results.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", "import sys; from kfacbound.cli import main; sys.exit(main())",
+           "batch", str(spec_file), "--out", str(out),
+           "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while _count(results) < 1:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no record within 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = _count(results)
+    assert 1 <= first < n  # killed mid-run
+    time.sleep(1.5)  # an orphaned worker must not write anything behind our back
+    assert _count(results) == first
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = read_records(results)
+    keys = [r["key"] for r in records]
+    assert sorted(keys) == sorted(j.key for j in parse_spec(spec_file.read_text()).jobs)
+    assert len(keys) == len(set(keys)) == n  # every job exactly once
+    assert all(r["status"] == "ok" for r in records)
+    assert sorted(r["result"]["i"] for r in records) == list(range(n))
+    # every line is complete JSON
+    assert all(json.loads(line) for line in results.read_bytes().splitlines())
+
+
+def test_second_run_on_same_directory_is_refused(tmp_path):
+    from kfacbound.batch.runner import batch_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = parse_spec(spec_text("analyses = ['echo']"))
+    with batch_lock(out):
+        with pytest.raises(KfacboundError, match="another batch is running"):
+            run_batch(spec, out, executor="inline", progress=False)
+
+
+def test_ray_executor(tmp_path):
+    ray = pytest.importorskip("ray", reason="ray is an optional dependency")
+    try:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"ray cannot start here: {exc}")
+    try:
+        spec = parse_spec(spec_text("""
+seeds = [0, 1]
+datasets = ["digits"]
+architectures = [{ arch = "fc", widths = [4] }]
+[[analyses]]
+kind = "readall"
+[[analyses]]
+kind = "fail"
+[[analyses]]
+kind = "echo"
+value = 5
+"""))
+        out = tmp_path / "out"
+        outcome = run_batch(spec, out, executor="ray", workers=1, progress=False)
+        recs = latest_records(out / "results.jsonl")
+        assert len(recs) == len(spec.jobs) == 2 + 1 + 2 + 2
+        kinds = {j.key: j.kind for j in spec.jobs}
+        for key, rec in recs.items():
+            assert rec["status"] == ("error" if kinds[key] == "fail" else "ok"), rec["error"]
+            assert rec["pid"] != os.getpid()  # ran in a Ray worker
+        readall = next(r for k, r in recs.items() if kinds[k] == "readall")
+        assert readall["result"]["seeds_read"] == [0, 1]  # after both train tasks
+        assert len(outcome.failed) == 2 and ray.is_initialized()  # our instance left running
+    finally:
+        ray.shutdown()
+
+
+def test_missing_analysis_module_is_a_recorded_error(tmp_path):
+    spec = parse_spec("""
+[[analyses]]
+kind = "ghost"
+[[analyses]]
+kind = "echo"
+""" + KINDS.replace("[kinds]", '[kinds]\nghost = "kfacbound.analysis.not_written_yet:run"'))
+    outcome = run_batch(spec, tmp_path / "out", executor="inline", progress=False)
+    recs = latest_records(tmp_path / "out" / "results.jsonl")
+    ghost = next(r for r in recs.values() if r["kind"] == "ghost")
+    assert ghost["status"] == "error" and "cannot import" in ghost["error"]["message"]
+    assert ghost["error"]["user_error"] is True
+    assert next(r for r in recs.values() if r["kind"] == "echo")["status"] == "ok"
+    assert outcome.failed == [ghost["key"]]
+
+
+def test_ray_missing_gives_a_clear_error(monkeypatch):
+    from kfacbound.batch.executors import make_executor
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(KfacboundError, match=r"pip install 'kfacbound\[ray\]'"):
+        make_executor("ray", workers=1)
+
+
+def test_submit_to_a_pool_broken_by_a_dead_worker(tmp_path):
+    """A job submitted after a worker died (pool already broken) still runs."""
+    from kfacbound.batch.executors import LocalExecutor
+
+    spec = parse_spec(spec_text("analyses = ['crash', 'echo']"))
+    crash, echo = spec.jobs
+    ex = LocalExecutor(1, 1)
+    try:
+        ex.submit(crash, str(tmp_path))
+        deadline = time.time() + 120
+        while not ex._pool._broken:  # wait until the pool noticed the death
+            assert time.time() < deadline
+            time.sleep(0.05)
+        ex.submit(echo, str(tmp_path))
+        records = {}
+        while len(records) < 2:
+            records.update({job.kind: rec for job, rec in ex.wait()})
+    finally:
+        ex.close()
+    assert records["crash"]["error"]["type"] == "WorkerDied"
+    assert records["echo"]["status"] == "ok"
+
+
+def test_inline_jobs_leave_the_driver_threads_alone(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    spec = parse_spec(spec_text("analyses = ['threads']"))
+    run_batch(spec, tmp_path / "out", executor="inline", threads=before + 1, progress=False)
+    rec = next(iter(latest_records(tmp_path / "out" / "results.jsonl").values()))
+    assert rec["result"]["torch_threads"] == before + 1 and rec["threads"] == before + 1
+    assert torch.get_num_threads() == before
+
+
+def test_docstring_example_is_a_valid_spec():
+    """The format example in kfacbound.batch.spec's docstring parses and expands."""
+    import tomllib
+
+    import kfacbound.batch.spec as spec_module
+
+    doc = spec_module.__doc__
+    block = doc[doc.index("Format (every"):doc.index("What a job needs")].splitlines()[2:]
+    raw = tomllib.loads("\n".join(line[4:] for line in block))
+    assert "checkpoints" in raw and raw["kinds"]["score"]["needs"] == "checkpoint"
+    raw.pop("checkpoints")  # the example's files do not exist here
+    raw["kinds"] = {k: {"entry": f"{HERE}:echo_job", "needs": "none"} for k in raw["kinds"]}
+    spec = spec_module.expand_spec(raw)
+    assert sorted({j.kind for j in spec.jobs}) == ["bound", "train"]
+    assert len([j for j in spec.jobs if j.kind == "bound"]) == 2 * 2 * 2  # seeds×bn×posterior

@@ -1,0 +1,152 @@
+"""The built-in job kinds wired to the real analyses, on a tiny grid (inline executor).
+
+Each record is checked against an independent computation: the train job's errors against the
+checkpoint evaluated here, the curvature job's top eigenvalue against the dense eigenvalues of
+torch.kron(G, A) from its saved factors, the bound job's numbers against its own certificate
+recomputed from its terms, the structure job's overlap against ‖V₁ᵀV₂‖²_F/k of the per-model
+eigenvalue-sorted bases in its full report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kfacbound.batch import latest_records, parse_spec, run_batch
+
+SPEC = """
+name = "real-tiny"
+seeds = [0, 1]
+bn = [false, true]
+[[datasets]]
+name = "digits"
+subset = 120
+[[architectures]]
+arch = "fc"
+widths = [4]
+[train]
+epochs = 5
+lr = 0.1
+[[analyses]]
+kind = "curvature"
+[[analyses]]
+kind = "bound"
+iterations = 10
+mc_passes = 1
+[[analyses]]
+kind = "structure"
+k = 3
+max_examples = 60
+[[analyses]]
+kind = "spectra"
+k = 3
+max_examples = 60
+"""
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    spec = parse_spec(SPEC)
+    out = tmp_path_factory.mktemp("real")
+    outcome = run_batch(spec, out, executor="inline", threads=1, progress=False)
+    return spec, out, outcome
+
+
+def test_spec_fills_analysis_defaults():
+    spec = parse_spec(SPEC)
+    bound = next(j for j in spec.jobs if j.kind == "bound")
+    # certify_checkpoint's defaults are part of the config (and so of the key)
+    assert bound.config["options"]["delta"] == 0.025 and bound.config["options"]["iterations"] == 10
+    with pytest.raises(Exception, match="unknown option.*'iteration'"):
+        parse_spec(SPEC.replace("iterations = 10", "iteration = 10"))
+    with pytest.raises(Exception, match="unknown option.*'kk'"):
+        parse_spec(SPEC.replace("k = 3\nmax_examples", "kk = 3\nmax_examples"))
+
+
+def test_real_jobs_all_ok(finished):
+    spec, out, outcome = finished
+    recs = latest_records(out / "results.jsonl")
+    assert not outcome.all_failed, [recs[k]["error"] for k in outcome.all_failed]
+    kinds = sorted(j.kind for j in spec.jobs)
+    assert kinds.count("train") == 4 and kinds.count("structure") == 2
+    assert all(r["status"] == "ok" for r in recs.values())
+
+
+def test_train_record_matches_checkpoint(finished):
+    from kfacbound.checkpoint import load_checkpoint
+    from kfacbound.data import load_dataset
+    from kfacbound.losses import zero_one_errors
+
+    spec, out, _ = finished
+    recs = latest_records(out / "results.jsonl")
+    for job in (j for j in spec.jobs if j.kind == "train"):
+        res = recs[job.key]["result"]
+        ckpt = load_checkpoint(out / res["checkpoint"])
+        assert ckpt.spec["bn"] == job.config["bn"]
+        for split in ("train", "test"):
+            ds = load_dataset("digits", split, subset=120)
+            with torch.no_grad():
+                wrong = int(zero_one_errors(ckpt.model(ds.tensors[0]), ds.tensors[1]).sum())
+            assert res[f"{split}_error"] == pytest.approx(wrong / len(ds), abs=1e-12)
+
+
+def test_curvature_record_matches_dense_kron(finished):
+    from safetensors.torch import load_file
+
+    spec, out, _ = finished
+    recs = latest_records(out / "results.jsonl")
+    for job in (j for j in spec.jobs if j.kind == "curvature"):
+        res = recs[job.key]["result"]
+        tensors = load_file(str(out / res["factors"]))
+        for layer, values in res["layers"].items():
+            K = torch.kron(tensors[f"{layer}.G"], tensors[f"{layer}.A"]).double().numpy()
+            lam = np.linalg.eigvalsh(K)  # dense, independent of the factor-wise eigenvalues
+            assert values["top_eigenvalue"] == pytest.approx(float(lam[-1]), rel=1e-8)
+            assert values["trace"] == pytest.approx(float(lam.sum()), rel=1e-8)
+            assert values["dim"] == K.shape[0]
+
+
+def test_bound_record_matches_certificate(finished):
+    from kfacbound.bounds import recompute_certificate
+
+    spec, out, _ = finished
+    recs = latest_records(out / "results.jsonl")
+    for job in (j for j in spec.jobs if j.kind == "bound"):
+        res = recs[job.key]["result"]
+        cert = json.loads((out / res["certificate"]).read_text())
+        assert res["bound"] == pytest.approx(recompute_certificate(cert), rel=1e-9)
+        assert (res["kl"], res["snn_train_error"], res["n"]) == (
+            cert["kl"], cert["mc_error"], cert["n"])
+        assert cert["n"] == 120 and 0 < res["bound"] <= 1
+
+
+def test_structure_record_matches_report(finished):
+    spec, out, _ = finished
+    recs = latest_records(out / "results.jsonl")
+    for job in (j for j in spec.jobs if j.kind == "structure"):
+        res = recs[job.key]["result"]
+        report = json.loads((out / res["report"]).read_text())
+        assert [m["label"] for m in report["models"]] == ["seed0", "seed1"]
+        assert {m["bn"] for m in report["models"]} == {job.config["bn"]}
+        for layer, values in res["layers"].items():
+            pair = next(p for p in report["pairs"] if p["layer"] == layer)
+            assert values["overlap"] == pytest.approx(pair["exact"][values["k"] - 1])
+            tops = [m["layers"][layer]["exact_eigenvalues"][0] for m in report["models"]]
+            assert values["top_eigenvalue"] == pytest.approx(sum(tops) / 2)
+            assert 0 <= values["overlap"] <= 1 + 1e-9
+
+
+def test_spectra_and_compare_on_real_batch(finished, tmp_path):
+    from kfacbound.batch.compare import compare_batch
+
+    spec, out, _ = finished
+    recs = latest_records(out / "results.jsonl")
+    for job in (j for j in spec.jobs if j.kind == "spectra"):
+        res = recs[job.key]["result"]
+        full = json.loads((out / res["report"]).read_text())
+        for row in full["rows"]:
+            assert res["layers"][row["layer"]]["top_eigenvalue"] == row["top"]
+    report = compare_batch(out, tmp_path / "r").read_text()
+    assert "| digits | fc-4 | fc1 |" in report and "| digits | fc-4 | - | mean |" in report

@@ -1,0 +1,262 @@
+"""Posteriors: KL against dense torch.distributions Gaussians, sampling laws against explicit
+weight sampling, BatchNorm folding, basis updates, std initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfacbound.bounds.posteriors import (
+    DiagLayer,
+    ExactLayer,
+    KronLayer,
+    build_posterior,
+    build_prior,
+    exact_eigenbasis,
+)
+from kfacbound.curvature.layout import curvature_layers, layer_matrix
+from kfacbound.errors import KfacboundError, UnsupportedModuleError
+from kfacbound.models import build_model, resolve_spec
+
+D = torch.float64
+
+
+def small_mlp(seed=0, bn=False, widths=(5,), d=4, out=3):
+    spec = resolve_spec({"arch": "fc", "widths": list(widths), "bn": bn}, input_shape=[d],
+                        num_outputs=out)
+    return build_model(spec, seed=seed)
+
+
+def psd(k, gen):
+    M = torch.randn(k, k, generator=gen, dtype=D)
+    return M @ M.T / k + 0.1 * torch.eye(k, dtype=D)
+
+
+def random_factors(model, gen):
+    return {p: (psd(m.weight.shape[0], gen), psd(layer_matrix(m).shape[1], gen))
+            for p, m in curvature_layers(model)}
+
+
+def random_eigenbases(model, gen, k=None):
+    out = {}
+    for p, m in curvature_layers(model):
+        P = layer_matrix(m).numel()
+        out[p] = exact_eigenbasis(psd(P, gen), k)
+    return out
+
+
+def dense_cov(layer) -> torch.Tensor:
+    """The layer's covariance over vec(W̃) (row-major), built densely from its definition."""
+    if isinstance(layer, DiagLayer):
+        return torch.diag(torch.exp(2 * layer.log_std.detach().double()).reshape(-1))
+    if isinstance(layer, KronLayer):
+        U = torch.kron(layer.U_G.double(), layer.U_A.double())  # (U_G ⊗ U_A) vec(Z) row-major
+        s2 = torch.exp(2 * layer.log_std.detach().double()).reshape(-1)
+        return U @ torch.diag(s2) @ U.T
+    U = layer.U.double()
+    s2 = torch.exp(2 * layer.log_std.detach().double())
+    P = layer.numel()
+    proj = torch.eye(P, dtype=D) - U @ U.T
+    return U @ torch.diag(s2) @ U.T + float(torch.exp(2 * layer.log_std_perp.detach()[0])) * proj
+
+
+def build(kind, model, gen, **kw):
+    return build_posterior(model, kind, factors=random_factors(model, gen),
+                           eigenbases=random_eigenbases(model, gen, kw.pop("k", None)),
+                           dtype=D, **kw)
+
+
+@pytest.mark.parametrize("kind,k", [("diag", None), ("kfac", None), ("exact", None),
+                                    ("exact", 4)])
+def test_kl_matches_dense_torch_distributions(kind, k):
+    gen = torch.Generator().manual_seed(1)
+    model, init = small_mlp(0), small_mlp(1)
+    Q = build(kind, model, gen, k=k, std_init=0.05)
+    with torch.no_grad():  # make the variances non-uniform
+        for _, layer in Q.layers():
+            layer.log_std.add_(0.3 * torch.randn(layer.log_std.shape, generator=gen, dtype=D))
+    P = build_prior(Q, init, lam=0.02)
+    ref = 0.0
+    for path, layer in Q.layers():
+        mu = layer.mean.detach().reshape(-1)
+        w0 = P.center(path).reshape(-1).double()
+        q = torch.distributions.MultivariateNormal(mu, covariance_matrix=dense_cov(layer))
+        p = torch.distributions.MultivariateNormal(
+            w0, covariance_matrix=0.02 * torch.eye(len(mu), dtype=D))
+        ref += float(torch.distributions.kl_divergence(q, p))
+    assert float(Q.kl(P, dtype=D)) == pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind,k", [("diag", None), ("kfac", None), ("exact", 3)])
+def test_weight_samples_have_the_stated_covariance(kind, k):
+    gen = torch.Generator().manual_seed(2)
+    model = small_mlp(0, widths=(3,), d=2, out=2)
+    Q = build(kind, model, gen, k=k, std_init=0.3)
+    layer = Q.blocks["fc1"]
+    torch.manual_seed(0)
+    noise = layer.sample_noise(100000).reshape(100000, -1)
+    emp = noise.T @ noise / len(noise)
+    assert torch.allclose(emp, dense_cov(layer), atol=0.01)
+
+
+@pytest.mark.parametrize("kind,k", [("diag", None), ("kfac", None), ("exact", 3)])
+def test_local_reparameterisation_law(kind, k):
+    """Cov(z | ã) from the local reparameterisation = (I ⊗ ãᵀ) Σ (I ⊗ ã)."""
+    gen = torch.Generator().manual_seed(3)
+    model = small_mlp(0, widths=(3,), d=2, out=2)
+    Q = build(kind, model, gen, k=k, std_init=0.3)
+    layer = Q.blocks["fc1"]
+    a1 = torch.tensor([0.7, -1.2, 1.0], dtype=D)
+    torch.manual_seed(1)
+    z = layer.linear_noise(a1.expand(200000, 3))
+    emp = z.T @ z / len(z)
+    J = torch.kron(torch.eye(layer.out_dim, dtype=D), a1.reshape(1, -1))  # z = J vec(W̃)
+    assert torch.allclose(emp, J @ dense_cov(layer) @ J.T, atol=0.01, rtol=0.02)
+    assert z.mean(0).abs().max() < 0.01
+
+
+def test_network_samples_are_per_example_independent():
+    """Rows of one batch get independent networks: outputs of identical inputs are i.i.d.
+
+    Compared with explicit networks sampled weight by weight (a different code path)."""
+    gen = torch.Generator().manual_seed(4)
+    model = small_mlp(0, widths=(4,), d=3, out=1)
+    Q = build("kfac", model, gen, std_init=0.4)
+    x = torch.randn(1, 3, dtype=D)
+    torch.manual_seed(5)
+    out = Q(x.expand(40000, 3)).reshape(-1)
+    # explicit: draw full weights per network
+    ref = []
+    torch.manual_seed(6)
+    for _ in range(2000):
+        h = x
+        for name in Q.names:
+            blk = Q.blocks[name]
+            if name in Q.layer_paths:
+                W = blk.mean + blk.sample_noise(1)[0]
+                h = F.linear(h, W[:, :-1], W[:, -1])
+            else:
+                h = blk(h)
+        ref.append(float(h))
+    ref = torch.tensor(ref, dtype=D)
+    assert float(out.mean()) == pytest.approx(float(ref.mean()), abs=4 * float(ref.std()) / 44)
+    assert float(out.std()) == pytest.approx(float(ref.std()), rel=0.06)
+    # independence: consecutive rows uncorrelated
+    r = torch.corrcoef(torch.stack([out[:-1:2], out[1::2]]))[0, 1]
+    assert abs(float(r)) < 0.03
+
+
+def test_mean_forward_and_tiny_noise_equal_model():
+    gen = torch.Generator().manual_seed(5)
+    model = small_mlp(0).double()
+    x = torch.randn(7, 4, dtype=D)
+    for kind in ("diag", "kfac", "exact"):
+        Q = build(kind, model, gen, std_init=1e-12)
+        assert torch.allclose(Q(x, sample=False), model(x), atol=1e-12)
+        assert torch.allclose(Q(x), model(x), atol=1e-9)
+        assert torch.allclose(Q.mean_model().double()(x), model(x), atol=1e-12)
+
+
+def test_batchnorm_is_folded_and_prior_is_folded_init():
+    model = small_mlp(0, bn=True).double()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-1, 1)
+        model.bn1.running_var.uniform_(0.5, 2)
+        model.bn1.weight.uniform_(0.5, 1.5)
+    model.eval()
+    init = small_mlp(0, bn=True).double()
+    Q = build_posterior(model, "diag", std_init=1e-12, dtype=D)
+    x = torch.randn(6, 4, dtype=D)
+    assert torch.allclose(Q(x, sample=False), model(x), atol=1e-10)
+    P = build_prior(Q, init, lam=0.01)
+    # fresh BN (γ=1, β=0, μ=0, σ²=1) folds to a scaling by 1/√(1+ε)
+    s = 1 / math.sqrt(1 + init.bn1.eps)
+    assert torch.allclose(P.center("fc1")[:, :-1], init.fc1.weight.double() * s)
+    assert "bn1" not in Q.names
+
+
+def test_conv_per_example_kernels_match_loop():
+    spec = resolve_spec({"arch": "cnn", "channels": [2], "kernel": 3, "widths": []},
+                        input_shape=[1, 6, 6], num_outputs=2)
+    model = build_model(spec, seed=0).double()
+    gen = torch.Generator().manual_seed(6)
+    Q = build("kfac", model, gen, std_init=0.2)
+    layer = Q.blocks["conv1"]
+    x = torch.randn(5, 1, 6, 6, dtype=D)
+    fixed = layer.sample_noise(5)
+    layer.sample_noise = lambda num: fixed[:num]
+    out = layer(x, sample=True, per_example=True)
+    for i in range(5):
+        W = layer.mean + fixed[i]
+        ref = F.conv2d(x[i:i + 1], W[:, :-1].reshape(layer.weight_shape), W[:, -1], padding=1)
+        assert torch.allclose(out[i:i + 1], ref, atol=1e-12)
+
+
+def test_std_inits():
+    gen = torch.Generator().manual_seed(7)
+    model = small_mlp(0).double()
+    factors = random_factors(model, gen)
+    Q = build_posterior(model, "kfac", factors=factors, std_init="dr", std_min=1e-9,
+                        prior_var=10.0, dtype=D)
+    lay = Q.blocks["fc1"]
+    rot = lay.U_G.T @ lay.mean.detach() @ lay.U_A
+    assert torch.allclose(torch.exp(lay.log_std), rot.abs().clamp(min=1e-9), rtol=1e-10)
+    Q = build_posterior(model, "kfac", factors=factors, std_init="curvature", n=1000,
+                        prior_var=0.01, dtype=D)
+    lay = Q.blocks["fc1"]
+    G, A = factors["fc1"]
+    eg, ea = torch.linalg.eigvalsh(G), torch.linalg.eigvalsh(A)
+    want = torch.sort((1 / (1000 * torch.outer(eg, ea) + 100)).reshape(-1)).values
+    got = torch.sort(torch.exp(2 * lay.log_std.detach()).reshape(-1)).values
+    assert torch.allclose(got, want, rtol=1e-8)
+    Qd = build_posterior(model, "diag", std_init="dr", std_scale=0.5, prior_var=10.0, dtype=D)
+    assert torch.allclose(torch.exp(Qd.blocks["out"].log_std),
+                          (0.5 * layer_matrix(model.out).abs()).clamp(min=1e-6), rtol=1e-10)
+
+
+def test_update_basis_keeps_trace_and_does_not_raise_kl():
+    gen = torch.Generator().manual_seed(8)
+    model, init = small_mlp(0), small_mlp(1)
+    Q = build("kfac", model, gen, std_init="dr")
+    P = build_prior(Q, init, lam=0.01)
+    lay = Q.blocks["fc1"]
+    tr0, _ = lay.var_stats()
+    kl0 = float(Q.kl(P, dtype=D))
+    # same basis: nothing changes
+    G = lay.U_G @ torch.diag(lay.eig_G) @ lay.U_G.T
+    A = lay.U_A @ torch.diag(lay.eig_A) @ lay.U_A.T
+    before = lay.log_std.detach().clone()
+    lay.update_basis(G, A)
+    assert torch.allclose(lay.log_std.detach(), before, atol=1e-8)
+    new = random_factors(model, gen)["fc1"]
+    lay.update_basis(*new)
+    tr1, _ = lay.var_stats()
+    assert float(tr1) == pytest.approx(float(tr0), rel=1e-9)
+    assert float(Q.kl(P, dtype=D)) <= kl0 + 1e-9
+
+
+def test_prior_defaults_and_errors():
+    model = small_mlp(0)
+    Q = build_posterior(model, "diag", std_init=0.01)
+    with pytest.warns(UserWarning, match="zero-centred"):
+        P = build_prior(Q, None)
+    assert P.center("fc1") is None
+    assert float(P.lam) <= 0.1 * math.exp(-0.01) + 1e-9
+    with pytest.raises(KfacboundError):
+        build_prior(Q, small_mlp(0, widths=(6,)))
+    with pytest.raises(KfacboundError):
+        build_posterior(model, "kfac")
+    with pytest.raises(KfacboundError):
+        build_posterior(model, "nope")
+    with pytest.raises(UnsupportedModuleError):
+        build_posterior(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), "diag", std_init=0.1)
+
+
+def test_exact_layer_rejects_wrong_basis():
+    model = small_mlp(0)
+    with pytest.raises(KfacboundError):
+        ExactLayer(model.fc1, torch.eye(3, dtype=D), torch.ones(3, dtype=D), 0.1, 1, 0.1)
