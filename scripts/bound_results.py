@@ -41,7 +41,7 @@ DR_PUBLISHED = {
 
 def parse_variant(text: str) -> dict:
     """``POSTERIOR[,key=value...]`` with keys of certify_checkpoint (std_init, std_scale,
-    lr, mean_lr, basis_every, iterations)."""
+    lr, mean_lr, lr_decay=FRAC:FACTOR, basis_every, iterations, objective)."""
     parts = text.split(",")
     out: dict = {"posterior": parts[0]}
     for item in parts[1:]:
@@ -50,6 +50,9 @@ def parse_variant(text: str) -> dict:
             out[key] = value
         elif key in ("basis_every", "iterations"):
             out[key] = int(value)
+        elif key == "lr_decay":  # lr_decay=FRAC:FACTOR
+            frac, factor = value.split(":")
+            out[key] = (float(frac), float(factor))
         else:
             out[key] = float(value)
     return out
@@ -131,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def table(rows: list[dict], args) -> str:
-    head = (f"Dataset {args.dataset}{' (binary)' if args.binary else ''}, "
+    command = "python scripts/bound_results.py " + " ".join(sys.argv[1:])
+    head = (f"Command: `{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}, device "
+            f"{args.device}, torch {torch.__version__}).\n\n"
+            f"Dataset {args.dataset}{' (binary)' if args.binary else ''}, "
             f"n = {rows[0]['n'] if rows else '?'}, prior: "
             f"{'data-dependent ' + str(args.prior_split) if args.prior_split else 'data-free (w0)'}"
             f", {args.iterations} RMSprop steps, δ = 0.025, δ′ = 0.01, "

@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# Regenerate the batch-driven results: one `kfacbound batch` per study spec in scripts/specs/
-# (all except smoke.toml), then its BatchNorm comparison where the study has BN pairs.
+# Regenerate everything in results/: one command for all of it, one argument per study.
 #
-#   scripts/run_all.sh [OUT_ROOT] [WORKERS] [STUDY ...]
-#   scripts/run_all.sh                      # every study into results/<study>, 2 workers
-#   scripts/run_all.sh results 2 bn_study   # one study
+#   scripts/run_all.sh                     # every study below, in this order
+#   scripts/run_all.sh rank bounds         # some of them
 #
-# Every study is resumable: rerunning picks up where an interrupted run stopped. The exit status
-# is non-zero when any job of any study failed (see results/<study>/report.md).
+# Studies and the command each runs (results/README.md indexes what they write):
+#   rank            python scripts/rank_study.py --out results/rank                  (issue 5)
+#   structure       python scripts/structure_study.py --out results/structure        (issue 5)
+#   spectra         python scripts/spectra_study.py --out results/spectra            (issue 5)
+#   bounds          scripts/bounds_study.sh  (every table of results/bounds)         (issue 4)
+#   <spec>          kfacbound batch scripts/specs/<spec>.toml --out results/<spec> --workers W,
+#                   then kfacbound compare --batch results/<spec> -o results/<spec>/bn-report when
+#                   the spec has BN pairs (issue 6); every spec except smoke.toml by default.
+#
+# WORKERS (default 2) sets batch workers; batch studies are resumable (rerun after an
+# interruption). The exit status is non-zero when any study failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT=${1:-results}
-WORKERS=${2:-2}
-shift $(( $# > 2 ? 2 : $# ))
+PY=${PY:-.venv/bin/python}
 KFB=${KFB:-.venv/bin/kfacbound}
+WORKERS=${WORKERS:-2}
 if [ $# -gt 0 ]; then
   STUDIES=("$@")
 else
-  STUDIES=()
+  STUDIES=(rank structure spectra bounds)
   for spec in scripts/specs/*.toml; do
     name=$(basename "$spec" .toml)
     [ "$name" = smoke ] || STUDIES+=("$name")
@@ -25,12 +31,19 @@ else
 fi
 status=0
 for study in "${STUDIES[@]}"; do
-  spec=scripts/specs/$study.toml
-  out=$ROOT/$study
-  echo "== $study: $KFB batch $spec --out $out --workers $WORKERS ($(date -u +%FT%TZ))"
-  "$KFB" batch "$spec" --out "$out" --workers "$WORKERS" || status=1
-  if grep -Eq '^bn *= *\[ *(false *, *true|true *, *false) *\]' "$spec"; then
-    "$KFB" compare --batch "$out" -o "$out/bn-report" || status=1
-  fi
+  echo "== $study ($(date -u +%FT%TZ))"
+  case $study in
+    rank) OMP_NUM_THREADS=1 "$PY" scripts/rank_study.py --out results/rank --no-progress ;;
+    structure) "$PY" scripts/structure_study.py --out results/structure --no-progress ;;
+    spectra) "$PY" scripts/spectra_study.py --out results/spectra --no-progress ;;
+    bounds) scripts/bounds_study.sh ;;
+    *)
+      spec=scripts/specs/$study.toml
+      out=results/$study
+      "$KFB" batch "$spec" --out "$out" --workers "$WORKERS" &&
+      if grep -Eq '^bn *= *\[ *(false *, *true|true *, *false) *\]' "$spec"; then
+        "$KFB" compare --batch "$out" -o "$out/bn-report"
+      fi ;;
+  esac || status=1
 done
 exit $status

@@ -166,7 +166,25 @@ def test_recompute_rejects_tampering(trained):
     bad = dict(cert, j=cert["j"] + 1)
     with pytest.raises(Exception, match="grid"):
         cf.recompute_certificate(bad)
-    assert cf.recompute_certificate(dict(cert, kl=cert["kl"] + 100)) > cert["bound"]
+    with pytest.raises(Exception, match="differs from its terms"):
+        cf.recompute_certificate(dict(cert, kl=cert["kl"] + 100))
+    with pytest.raises(Exception, match="n × passes"):
+        cf.recompute_certificate(dict(cert, mc_samples=cert["mc_samples"] + 1))
+    old_style = {k: v for k, v in cert.items() if k != "kl_terms"}
+    assert cf.recompute_certificate(dict(old_style, kl=cert["kl"] + 100)) > cert["bound"]
+
+
+def test_certificate_kl_terms_reproduce_the_kl_independently(trained):
+    """KL from the stored sufficient statistics with an independent float64 formula."""
+    X, y, init, model = trained
+    cert = cf.certify_checkpoint(model, TensorDataset(X, y), posterior="kfac", iterations=5,
+                                 mc_passes=1, init_model=init, progress=False)
+    t, lam = cert["kl_terms"], cert["lambda"]
+    k = t["k"]
+    kl = 0.5 * ((t["trace_sigma"] + t["sq_dist"]) / lam - k + k * math.log(lam)
+                - t["logdet_sigma"])
+    assert kl == pytest.approx(cert["kl"], rel=1e-10)
+    assert k == cert["num_params"]
 
 
 def test_cli_bound_writes_certificate(tmp_path):

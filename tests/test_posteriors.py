@@ -260,3 +260,41 @@ def test_exact_layer_rejects_wrong_basis():
     model = small_mlp(0)
     with pytest.raises(KfacboundError):
         ExactLayer(model.fc1, torch.eye(3, dtype=D), torch.ones(3, dtype=D), 0.1, 1, 0.1)
+
+
+@pytest.mark.parametrize("kind,k", [("diag", None), ("kfac", None), ("exact", 3)])
+def test_samplers_use_the_same_clamped_stds_as_the_kl(kind, k):
+    """A log-std below the floor must not make the sampled Q narrower than the Q of the KL."""
+    from kfacbound.bounds.posteriors import _LOG_STD_MIN
+
+    gen = torch.Generator().manual_seed(5)
+    model = small_mlp(0, widths=(3,), d=2, out=2)
+    Q = build(kind, model, gen, k=k, std_init=0.3)
+    layer = Q.blocks["fc1"]
+    with torch.no_grad():
+        layer.log_std.fill_(_LOG_STD_MIN - 10.0)
+        if hasattr(layer, "log_std_perp"):
+            layer.log_std_perp.fill_(_LOG_STD_MIN - 10.0)
+    _, sum_log_var = layer.var_stats(D)
+    assert float(sum_log_var) == pytest.approx(2 * _LOG_STD_MIN * layer.numel())
+    torch.manual_seed(0)
+    noise = layer.sample_noise(20000).reshape(20000, -1)
+    expected = math.exp(_LOG_STD_MIN)
+    assert float(noise.std(0).max()) == pytest.approx(expected, rel=0.05)
+    a = torch.randn(20000, layer.in1, dtype=D, generator=gen)
+    z_std = layer.linear_noise(a).std(0) if kind != "exact" else None
+    if z_std is not None:  # local reparameterisation: std of z_o = floor · ‖ã‖ (all stds equal)
+        ref = expected * float(a.pow(2).sum(1).sqrt().mean())
+        assert float(z_std.max()) < 2 * ref
+
+
+def test_certify_refuses_standardized_data():
+    from kfacbound.bounds.certify import certify_checkpoint
+    from kfacbound.data import load_dataset
+    from kfacbound.errors import KfacboundError
+
+    ds = load_dataset("gaussian", n=50, input_dim=4, classes=3, standardize=True)
+    model, init = small_mlp(0), small_mlp(1)
+    with pytest.raises(KfacboundError, match="standardize"):
+        certify_checkpoint(model.float(), ds, iterations=1, mc_passes=1, init_model=init.float(),
+                           progress=False)

@@ -19,7 +19,9 @@ Objective (Dziugaite & Roy 2017, §4, with a choice of complexity form):
 the "f-classic" objective of Pérez-Ortiz et al. (2021): the certified form itself.
 
 Optimiser: RMSprop, lr 1e-3 (their default), batch 100. λ is trained through log λ and rounded
-to the grid by the certificate, not here.
+to the grid by the certificate, not here. ``lr_decay=(f, γ)`` multiplies every learning rate by γ
+for the last fraction f of the steps: with a constant rate the final iterate keeps the noise of the
+stochastic gradients, a short low-rate phase settles it (a step schedule, not part of D&R's recipe).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def optimize_posterior(
     batch_size: int = 100,
     lr: float = 1e-3,
     mean_lr: float | None = None,
+    lr_decay: tuple[float, float] | None = None,
     delta: float = 0.025,
     formula: str = "maurer",
     objective: str = "pinsker",
@@ -127,6 +130,8 @@ def optimize_posterior(
     """Minimise surrogate + √(B/2) over (M, log-std, log λ) with RMSprop; returns the history.
 
     ``mean_lr``: learning rate of the means (default ``lr``; the stds and log λ use ``lr``).
+    ``lr_decay=(f, γ)``: multiply all learning rates by γ for the last fraction f of the steps
+    (``None`` or f = 0: constant learning rates).
     ``X, y``: the bound set (n = len(X) unless given). ``basis_every``: recompute the Kronecker
     bases every that many steps with ``factors_fn(posterior.mean_model())`` (the "iter" variant).
     The progress bar shows the smoothed surrogate (bits), the KL, λ and a running bound
@@ -148,11 +153,21 @@ def optimize_posterior(
     if train_mean:
         groups.append({"params": means, "lr": lr if mean_lr is None else mean_lr})
     opt = torch.optim.RMSprop(groups, lr=lr)
+    decay_step = None
+    if lr_decay is not None and float(lr_decay[0]) > 0.0:
+        frac, gamma = float(lr_decay[0]), float(lr_decay[1])
+        if not (0.0 < frac < 1.0 and gamma > 0.0):
+            raise KfacboundError(
+                f"lr_decay must be (fraction in (0, 1), factor > 0), not {lr_decay}")
+        decay_step = int(round((1.0 - frac) * iterations))
     log = TrainLog()
     posterior.train()
     bar = tqdm(range(iterations), disable=not progress, desc="posterior", leave=False)
     running = None
     for step in bar:
+        if step == decay_step:
+            for group in opt.param_groups:
+                group["lr"] *= gamma
         if basis_every and factors_fn is not None and step > 0 and step % basis_every == 0:
             _update_bases(posterior, factors_fn)
         idx = torch.randint(0, len(X), (batch_size,), generator=gen)

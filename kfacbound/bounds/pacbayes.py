@@ -51,15 +51,20 @@ def kl_bernoulli(q: float, p: float) -> float:
     q, p = float(q), float(p)
     if not (0.0 <= q <= 1.0 and 0.0 <= p <= 1.0):
         raise KfacboundError(f"kl(q‖p) needs q, p in [0, 1]; got q={q}, p={p}")
+    # Near p = q (small c in kl⁻¹) the log1p forms q ln(q/p) = −q ln(1 + (p − q)/q) and
+    # (1 − q) ln((1 − q)/(1 − p)) = (1 − q) ln(1 + (p − q)/(1 − p)) keep the precision that the
+    # ratios lose; far from it the plain ratios are exact enough and cannot overflow.
+    d = p - q
     out = 0.0
     if q > 0.0:
         if p == 0.0:
             return math.inf
-        out += q * math.log(q / p)
+        out += -q * math.log1p(d / q) if abs(d) < 0.5 * q else q * math.log(q / p)
     if q < 1.0:
         if p == 1.0:
             return math.inf
-        out += (1.0 - q) * math.log((1.0 - q) / (1.0 - p))
+        r = 1.0 - p
+        out += (1.0 - q) * (math.log1p(d / r) if abs(d) < 0.5 * r else math.log((1.0 - q) / r))
     return max(out, 0.0)
 
 

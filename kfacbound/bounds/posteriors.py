@@ -173,11 +173,11 @@ class DiagLayer(LayerPosterior):
         return torch.exp(2 * ls).sum(), 2 * ls.sum()
 
     def sample_noise(self, num: int) -> torch.Tensor:
-        std = torch.exp(self.log_std)
+        std = torch.exp(self.log_std.clamp(min=_LOG_STD_MIN))
         return std * torch.randn(num, *std.shape, dtype=std.dtype, device=std.device)
 
     def linear_noise(self, a1: torch.Tensor) -> torch.Tensor:
-        var = F.linear(a1 * a1, torch.exp(2 * self.log_std))
+        var = F.linear(a1 * a1, torch.exp(2 * self.log_std.clamp(min=_LOG_STD_MIN)))
         return torch.sqrt(var) * torch.randn_like(var)
 
 
@@ -221,13 +221,14 @@ class KronLayer(LayerPosterior):
         return torch.exp(2 * ls).sum(), 2 * ls.sum()
 
     def sample_noise(self, num: int) -> torch.Tensor:
-        S = torch.exp(self.log_std)
+        S = torch.exp(self.log_std.clamp(min=_LOG_STD_MIN))
         Z = torch.randn(num, *S.shape, dtype=S.dtype, device=S.device)
         return self.U_G @ (S * Z) @ self.U_A.T
 
     def linear_noise(self, a1: torch.Tensor) -> torch.Tensor:
         a_rot = a1 @ self.U_A  # rows: U_Aᵀ ã
-        var = F.linear(a_rot * a_rot, torch.exp(2 * self.log_std))  # Σ_j S_oj² ã_rot,j²
+        S2 = torch.exp(2 * self.log_std.clamp(min=_LOG_STD_MIN))
+        var = F.linear(a_rot * a_rot, S2)  # Σ_j S_oj² ã_rot,j²
         xi = torch.sqrt(var) * torch.randn_like(var)
         return xi @ self.U_G.T
 
@@ -244,7 +245,7 @@ class KronLayer(LayerPosterior):
         ug, ua = ug.to(self.U_G.dtype), ua.to(self.U_A.dtype)
         RG = (ug.T @ self.U_G) ** 2
         RA = (ua.T @ self.U_A) ** 2
-        S2 = torch.exp(2 * self.log_std)
+        S2 = torch.exp(2 * self.log_std.clamp(min=_LOG_STD_MIN))
         S2new = (RG @ S2 @ RA.T).clamp(min=math.exp(2 * _LOG_STD_MIN))
         self.log_std.copy_(0.5 * torch.log(S2new))
         self.U_G.copy_(ug)
@@ -301,13 +302,13 @@ class ExactLayer(LayerPosterior):
         return sum_var, sum_log
 
     def sample_noise(self, num: int) -> torch.Tensor:
-        std = torch.exp(self.log_std)
+        std = torch.exp(self.log_std.clamp(min=_LOG_STD_MIN))
         z = torch.randn(num, self.k, dtype=std.dtype, device=std.device)
         noise = (z * std) @ self.U.T
         if self.numel() > self.k:
             zp = torch.randn(num, self.numel(), dtype=std.dtype, device=std.device)
             zp = zp - (zp @ self.U) @ self.U.T
-            noise = noise + torch.exp(self.log_std_perp) * zp
+            noise = noise + torch.exp(self.log_std_perp.clamp(min=_LOG_STD_MIN)) * zp
         return noise.reshape(num, self.out_dim, self.in1)
 
 

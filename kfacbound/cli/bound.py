@@ -14,6 +14,7 @@ from ..bounds.certify import (
     DEFAULT_BATCH,
     DEFAULT_ITERATIONS,
     DEFAULT_LR,
+    DEFAULT_LR_DECAY,
     certify_checkpoint,
 )
 from ..bounds.optimize import OBJECTIVES
@@ -62,6 +63,10 @@ def _check_prob(name: str, v: float) -> None:
 @click.option("--lr", type=float, default=DEFAULT_LR, show_default=True,
               help="RMSprop learning rate (stds, λ; and means unless --mean-lr).")
 @click.option("--mean-lr", type=float, default=None, help="Separate learning rate of the means.")
+@click.option("--lr-decay", type=(float, float), default=DEFAULT_LR_DECAY, show_default=True,
+              metavar="FRAC FACTOR",
+              help="Multiply all learning rates by FACTOR for the last FRAC of the steps; "
+                   "'0 1' keeps them constant (Dziugaite & Roy).")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="pinsker", show_default=True,
               help="pinsker: surrogate + √(B/2) (Dziugaite & Roy); kl: kl⁻¹(surrogate, B).")
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH, show_default=True)
@@ -113,7 +118,7 @@ def command(checkpoint: str, data_opts: dict[str, Any], **kw: Any) -> None:
         iterations=kw["iterations"], delta=kw["delta"], delta_prime=kw["delta_prime"],
         mc_passes=kw["mc_passes"], prior_split=kw["prior_split"], device=kw["device"],
         seed=kw["seed"], progress=kw["progress"], test_dataset=test, formula=kw["formula"],
-        lr=kw["lr"], mean_lr=kw["mean_lr"], objective=kw["objective"],
+        lr=kw["lr"], mean_lr=kw["mean_lr"], lr_decay=kw["lr_decay"], objective=kw["objective"],
         batch_size=kw["batch_size"], std_init=_std_init(kw["std_init"]),
         std_scale=kw["std_scale"], basis_every=kw["basis_every"], exact_k=kw["exact_k"],
         prior_epochs=kw["prior_epochs"], c=kw["grid_c"], b=kw["grid_b"],
