@@ -184,6 +184,10 @@ def test_bad_arguments():
         compute_kfac(model, (X, y), loss="bce", progress=False)
     with pytest.raises(KfacboundError, match="TensorDataset"):
         compute_kfac(model, X, progress=False)
+    one_logit = _mlp(1)
+    Xb, yb = _data(4, (6,), 2)
+    with pytest.raises(KfacboundError, match="KFRA.*bce"):
+        compute_kfac(one_logit, (Xb, yb), method="kfra", loss="bce", progress=False)
 
 
 @pytest.mark.parametrize("loss,C", [("ce", 2), ("ce", 5), ("bce", 1), ("mse", 4)])

@@ -530,6 +530,11 @@ def compute_kfac(
         backend = "backpack" if method == "kfra" else "native"
     if backend == "native" and method == "kfra":
         raise KfacboundError("KFRA is available with backend='backpack' only")
+    if method == "kfra" and loss == "bce":
+        raise KfacboundError(
+            "KFRA needs the batch-averaged loss Hessian, which BackPACK does not provide for the "
+            "one-logit logistic loss ('bce'); use --method kflr (exact) or kfac"
+        )
     device = torch.device(device)
     model = _prepare_model(model, device)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, CURVATURE_LAYERS)}
