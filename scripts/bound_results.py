@@ -87,7 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--table-only", action="store_true",
+                    help="rewrite the Markdown table from the JSON of an earlier (possibly "
+                         "interrupted) run with the same arguments, without running anything")
     args = ap.parse_args(argv)
+    if args.table_only:
+        rows = json.loads(Path(args.out).read_text())
+        Path(args.out).with_suffix(".md").write_text(table(rows, args) + "\n")
+        print(table(rows, args))
+        return
 
     opts = {"binary": args.binary, "data_dir": args.data_dir}
     if args.subset:
@@ -134,22 +142,30 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def table(rows: list[dict], args) -> str:
-    command = "python scripts/bound_results.py " + " ".join(sys.argv[1:])
+    argv = [a for a in sys.argv[1:] if a != "--table-only"]
+    command = "python scripts/bound_results.py " + " ".join(argv)
+    planned = len(args.nets) * len(args.variants)
+    done = (f"Rows: {len(rows)} of the {planned} the command plans (the run was stopped early "
+            "to fit the CPU budget).\n\n" if len(rows) < planned else "")
     head = (f"Command: `{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}, device "
             f"{args.device}, torch {torch.__version__}).\n\n"
             f"Dataset {args.dataset}{' (binary)' if args.binary else ''}, "
             f"n = {rows[0]['n'] if rows else '?'}, prior: "
             f"{'data-dependent ' + str(args.prior_split) if args.prior_split else 'data-free (w0)'}"
             f", {args.iterations} RMSprop steps, δ = 0.025, δ′ = 0.01, "
-            f"{args.mc_passes} MC passes.\n\n")
+            f"{args.mc_passes} MC passes, learning-rate decay (fraction, factor) "
+            f"{rows[0]['optimizer'].get('lr_decay') if rows else '?'} unless the variant says "
+            "otherwise; time = certification wall-clock (curvature, optimisation, MC), "
+            f"training excluded.\n\n{done}")
     lines = ["| net | posterior | test err | SNN train (ê_N) | SNN test | KL | bound | "
-             "D&R bound / KL (MNIST 55k) |", "|---|---|---|---|---|---|---|---|"]
+             "time (s) | D&R bound / KL (MNIST 55k) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pub = DR_PUBLISHED.get(r["net"])
         pubs = f"{pub[2]:.3f} / {pub[3]}" if pub else "–"
         lines.append(
             f"| {r['net']} | {r['variant']} | {r['test_error']:.4f} | {r['mc_error']:.4f} | "
-            f"{r['test_error_stochastic']:.4f} | {r['kl']:.0f} | {r['bound']:.4f} | {pubs} |"
+            f"{r['test_error_stochastic']:.4f} | {r['kl']:.0f} | {r['bound']:.4f} | "
+            f"{r['time_s']['total']:.0f} | {pubs} |"
         )
     return head + "\n".join(lines)
 

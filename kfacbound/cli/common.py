@@ -111,6 +111,14 @@ def device_option(f: Callable) -> Callable:
                         help="torch device: cpu, cuda, cuda:1, ...")(f)
 
 
+def dtype_option(f: Callable) -> Callable:
+    """``--dtype float64|float32``: precision of exact curvature products."""
+    return click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64",
+                        show_default=True,
+                        help="Precision of the exact curvature products (float32: faster for "
+                             "convs).")(f)
+
+
 def progress_option(f: Callable) -> Callable:
     return click.option("--progress/--no-progress", default=True, show_default=True,
                         help="Show progress bars on stderr.")(f)

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import click
 
-from ..analysis.compare import DEFAULT_DENSE_LIMIT, DTYPES, PARTS
+from ..analysis.compare import DEFAULT_DENSE_LIMIT, PARTS
 from ..analysis.spectra import format_rows, spectra_series, write_csv
 from ..errors import KfacboundError
 from .common import (
     dataset_from_options,
     dataset_options,
     device_option,
+    dtype_option,
     open_checkpoint,
     progress_option,
     with_dataset,
@@ -39,8 +40,7 @@ from .common import (
               help="Rademacher probes for the trace of large blocks.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True,
-              help="Precision of the exact curvature products (float32: faster for convs).")
+@dtype_option
 @device_option
 @progress_option
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import click
 
-from ..analysis.compare import DEFAULT_DENSE_LIMIT, DTYPES, PARTS, compare_model, format_table
+from ..analysis.compare import DEFAULT_DENSE_LIMIT, PARTS, compare_model, format_table
 from ..curvature.kfac import METHODS
 from ..errors import KfacboundError
 from .common import (
     dataset_from_options,
     dataset_options,
     device_option,
+    dtype_option,
     open_checkpoint,
     progress_option,
     with_dataset,
@@ -44,8 +45,7 @@ from .common import (
               help="Rademacher probes estimating the Frobenius error of large blocks (0: skip).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the Lanczos start vector, probes and K-FAC's MC labels.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True,
-              help="Precision of the exact curvature products (float32: faster for convs).")
+@dtype_option
 @device_option
 @progress_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,

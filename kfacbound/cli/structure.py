@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..analysis.compare import DEFAULT_DENSE_LIMIT, DTYPES, PARTS
+from ..analysis.compare import DEFAULT_DENSE_LIMIT, PARTS
 from ..analysis.structure import format_summary, structure_report
 from ..curvature.kfac import METHODS
 from ..errors import KfacboundError
@@ -14,6 +14,7 @@ from .common import (
     dataset_from_options,
     dataset_options,
     device_option,
+    dtype_option,
     open_checkpoint,
     progress_option,
     with_dataset,
@@ -43,8 +44,7 @@ def model_labels(paths: list[str]) -> list[str]:
 @click.option("--dense-limit", type=int, default=DEFAULT_DENSE_LIMIT, show_default=True,
               help="Blocks up to this size use dense eigh, larger ones Lanczos.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True,
-              help="Precision of the exact curvature products (float32: faster for convs).")
+@dtype_option
 @device_option
 @progress_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
