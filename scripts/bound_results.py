@@ -160,7 +160,7 @@ def table(rows: list[dict], args) -> str:
     lines = ["| net | posterior | test err | SNN train (ê_N) | SNN test | KL | bound | "
              "time (s) | D&R bound / KL (MNIST 55k) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        pub = DR_PUBLISHED.get(r["net"])
+        pub = DR_PUBLISHED.get(r["net"]) if args.binary else None  # D&R: binary MNIST only
         pubs = f"{pub[2]:.3f} / {pub[3]}" if pub else "–"
         lines.append(
             f"| {r['net']} | {r['variant']} | {r['test_error']:.4f} | {r['mc_error']:.4f} | "
