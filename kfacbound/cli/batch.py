@@ -28,10 +28,14 @@ from ..batch.spec import load_spec
               help="Run jobs whose recorded status is error again (default: keep them).")
 @click.option("--dry-run", is_flag=True,
               help="List the jobs and whether each would run; run nothing.")
+@click.option("--report-only", is_flag=True,
+              help="Rewrite OUT/summary.csv and OUT/report.md from the records so far (e.g. "
+                   "of an interrupted run); run nothing.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar over jobs on stderr.")
 def command(spec: str, out: str, workers: int, executor: str, threads: int | None,
-            ray_address: str | None, retry_failed: bool, dry_run: bool, progress: bool) -> None:
+            ray_address: str | None, retry_failed: bool, dry_run: bool, report_only: bool,
+            progress: bool) -> None:
     """Run the grid described by the TOML file SPEC, resumably.
 
     Every finished job appends one JSON record to OUT/results.jsonl; a rerun of the same spec
@@ -47,6 +51,11 @@ def command(spec: str, out: str, workers: int, executor: str, threads: int | Non
     from ..batch.runner import RESULTS, latest_records
 
     batch = load_spec(spec)
+    if report_only:
+        from ..batch.report import write_report
+
+        click.echo(f"report: {write_report(out)}", err=True)
+        return
     if dry_run:
         previous = latest_records(Path(out) / RESULTS)
         for job in batch.jobs:
