@@ -174,6 +174,22 @@ def _as_list(value: Any, where: str) -> list[Any]:
     return [value]
 
 
+def _tables(raw: dict[str, Any], section: str, key: str, what: str, where: str
+            ) -> list[tuple[str, dict[str, Any]]]:
+    """(location for messages, a copy of the table) per entry of a ``[[section]]`` list; a bare
+    string stands for ``{key = string}``. ``what`` completes the error for an entry without
+    ``key``, e.g. "a dataset is a name or a table with a 'name' key"."""
+    out = []
+    for i, entry in enumerate(_as_list(raw.get(section, []), where)):
+        here = f"{where}: {section}[{i}]"
+        if isinstance(entry, str):
+            entry = {key: entry}
+        if not isinstance(entry, dict) or key not in entry:
+            raise KfacboundError(f"{here}: {what}")
+        out.append((here, copy.deepcopy(entry)))
+    return out
+
+
 def _seeds(raw: dict[str, Any], where: str) -> list[int]:
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds:
@@ -197,23 +213,14 @@ def _bns(raw: dict[str, Any], where: str) -> list[bool]:
 
 def _datasets(raw: dict[str, Any], where: str) -> list[tuple[dict[str, Any], str]]:
     """(load_dataset options including ``name``, label) per dataset entry."""
-    entries = _as_list(raw.get("datasets", []), where)
-    out = []
-    try:
-        from ..data import list_datasets
+    from ..data import list_datasets
 
-        known = list(list_datasets())
-    except ImportError:  # pragma: no cover - the data module is part of the package
-        known = None
-    for i, entry in enumerate(entries):
-        here = f"{where}: datasets[{i}]"
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise KfacboundError(f"{here}: a dataset is a name or a table with a 'name' key")
-        entry = copy.deepcopy(entry)
+    known = list(list_datasets())
+    out = []
+    for here, entry in _tables(raw, "datasets", "name",
+                               "a dataset is a name or a table with a 'name' key", where):
         label = str(entry.pop("label", entry["name"]))
-        if known is not None and entry["name"] not in known:
+        if entry["name"] not in known:
             raise KfacboundError(
                 f"{here}: unknown dataset {entry['name']!r}; known: {', '.join(known)}")
         if "split" in entry:
@@ -254,15 +261,9 @@ def _architectures(raw: dict[str, Any], where: str) -> list[tuple[dict[str, Any]
     """(resolved architecture spec without data shape, label) per entry."""
     from ..models import resolve_spec
 
-    entries = _as_list(raw.get("architectures", []), where)
     out = []
-    for i, entry in enumerate(entries):
-        here = f"{where}: architectures[{i}]"
-        if isinstance(entry, str):
-            entry = {"arch": entry}
-        if not isinstance(entry, dict) or "arch" not in entry:
-            raise KfacboundError(f"{here}: an architecture is a name or a table with an 'arch' key")
-        entry = copy.deepcopy(entry)
+    for here, entry in _tables(raw, "architectures", "arch",
+                               "an architecture is a name or a table with an 'arch' key", where):
         if "bn" in entry:
             raise KfacboundError(f"{here}: set BatchNorm with the top-level bn list, not here")
         for key in ("input_shape", "num_outputs"):
@@ -356,15 +357,9 @@ def _analyses(raw: dict[str, Any], kinds: dict[str, Any], where: str) -> list[di
     """Each analysis table expanded over its grid: list of {"kind", "options"}."""
     from .jobs import get_job_kind
 
-    entries = _as_list(raw.get("analyses", []), where)
     out = []
-    for i, entry in enumerate(entries):
-        here = f"{where}: analyses[{i}]"
-        if isinstance(entry, str):
-            entry = {"kind": entry}
-        if not isinstance(entry, dict) or "kind" not in entry:
-            raise KfacboundError(f"{here}: an analysis is a kind name or a table with 'kind'")
-        entry = copy.deepcopy(entry)
+    for here, entry in _tables(raw, "analyses", "kind",
+                               "an analysis is a kind name or a table with 'kind'", where):
         kind = entry.pop("kind")
         grid = entry.pop("grid", {})
         if kind in ("train", "import"):

@@ -103,10 +103,6 @@ class LayerPosterior(nn.Module):
         return self.mean.numel()
 
     # -- subclass interface ------------------------------------------------------------------
-    def var_stats(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tr Σ, ln det Σ) of this layer (differentiable), computed in ``dtype`` if given."""
-        raise NotImplementedError
-
     def sample_noise(self, num: int) -> torch.Tensor:
         """``num`` independent draws of W̃ − M, shape (num, out, in1)."""
         raise NotImplementedError
@@ -117,6 +113,21 @@ class LayerPosterior(nn.Module):
         return torch.einsum("boi,bi->bo", noise, a1)
 
     # -- forward -----------------------------------------------------------------------------
+    def log_std_used(self, name: str = "log_std", dtype: torch.dtype | None = None
+                     ) -> torch.Tensor:
+        """The log-std parameter ``name`` as the posterior uses it: clamped at the floor
+        ``_LOG_STD_MIN``. The KL statistics and every sampler read the stds through here, so the
+        sampled Q is always the Q whose KL is certified."""
+        return _cast(getattr(self, name), dtype).clamp(min=_LOG_STD_MIN)
+
+    def var_stats(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tr Σ, ln det Σ) of this layer (differentiable), computed in ``dtype`` if given.
+
+        Default: one free std per coordinate of the posterior's basis (diagonal, Kronecker);
+        subclasses with a shared complement std override it."""
+        ls = self.log_std_used(dtype=dtype)
+        return torch.exp(2 * ls).sum(), 2 * ls.sum()
+
     def _split(self, mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.has_bias:
             w, b = mat[..., :-1], mat[..., -1]
@@ -168,16 +179,12 @@ class DiagLayer(LayerPosterior):
         super().__init__(module, dtype)
         self.log_std = nn.Parameter(torch.log(std.to(dtype)).reshape(self.mean.shape).clone())
 
-    def var_stats(self, dtype=None):
-        ls = _cast(self.log_std, dtype).clamp(min=_LOG_STD_MIN)
-        return torch.exp(2 * ls).sum(), 2 * ls.sum()
-
     def sample_noise(self, num: int) -> torch.Tensor:
-        std = torch.exp(self.log_std.clamp(min=_LOG_STD_MIN))
+        std = torch.exp(self.log_std_used())
         return std * torch.randn(num, *std.shape, dtype=std.dtype, device=std.device)
 
     def linear_noise(self, a1: torch.Tensor) -> torch.Tensor:
-        var = F.linear(a1 * a1, torch.exp(2 * self.log_std.clamp(min=_LOG_STD_MIN)))
+        var = F.linear(a1 * a1, torch.exp(2 * self.log_std_used()))
         return torch.sqrt(var) * torch.randn_like(var)
 
 
@@ -216,18 +223,14 @@ class KronLayer(LayerPosterior):
             log_std = torch.full_like(self.mean, math.log(float(std)), dtype=torch.float64)
         self.log_std = nn.Parameter(log_std.to(dtype).clone())
 
-    def var_stats(self, dtype=None):
-        ls = _cast(self.log_std, dtype).clamp(min=_LOG_STD_MIN)
-        return torch.exp(2 * ls).sum(), 2 * ls.sum()
-
     def sample_noise(self, num: int) -> torch.Tensor:
-        S = torch.exp(self.log_std.clamp(min=_LOG_STD_MIN))
+        S = torch.exp(self.log_std_used())
         Z = torch.randn(num, *S.shape, dtype=S.dtype, device=S.device)
         return self.U_G @ (S * Z) @ self.U_A.T
 
     def linear_noise(self, a1: torch.Tensor) -> torch.Tensor:
         a_rot = a1 @ self.U_A  # rows: U_Aᵀ ã
-        S2 = torch.exp(2 * self.log_std.clamp(min=_LOG_STD_MIN))
+        S2 = torch.exp(2 * self.log_std_used())
         var = F.linear(a_rot * a_rot, S2)  # Σ_j S_oj² ã_rot,j²
         xi = torch.sqrt(var) * torch.randn_like(var)
         return xi @ self.U_G.T
@@ -245,7 +248,7 @@ class KronLayer(LayerPosterior):
         ug, ua = ug.to(self.U_G.dtype), ua.to(self.U_A.dtype)
         RG = (ug.T @ self.U_G) ** 2
         RA = (ua.T @ self.U_A) ** 2
-        S2 = torch.exp(2 * self.log_std.clamp(min=_LOG_STD_MIN))
+        S2 = torch.exp(2 * self.log_std_used())
         S2new = (RG @ S2 @ RA.T).clamp(min=math.exp(2 * _LOG_STD_MIN))
         self.log_std.copy_(0.5 * torch.log(S2new))
         self.U_G.copy_(ug)
@@ -291,24 +294,24 @@ class ExactLayer(LayerPosterior):
         self.log_std_perp = nn.Parameter(log_perp.to(dtype).clone())
 
     def var_stats(self, dtype=None):
-        ls = _cast(self.log_std, dtype).clamp(min=_LOG_STD_MIN)
+        ls = self.log_std_used(dtype=dtype)
         rest = self.numel() - self.k
         sum_var = torch.exp(2 * ls).sum()
         sum_log = 2 * ls.sum()
         if rest > 0:
-            lp = _cast(self.log_std_perp, dtype).clamp(min=_LOG_STD_MIN)[0]
+            lp = self.log_std_used("log_std_perp", dtype)[0]
             sum_var = sum_var + rest * torch.exp(2 * lp)
             sum_log = sum_log + rest * 2 * lp
         return sum_var, sum_log
 
     def sample_noise(self, num: int) -> torch.Tensor:
-        std = torch.exp(self.log_std.clamp(min=_LOG_STD_MIN))
+        std = torch.exp(self.log_std_used())
         z = torch.randn(num, self.k, dtype=std.dtype, device=std.device)
         noise = (z * std) @ self.U.T
         if self.numel() > self.k:
             zp = torch.randn(num, self.numel(), dtype=std.dtype, device=std.device)
             zp = zp - (zp @ self.U) @ self.U.T
-            noise = noise + torch.exp(self.log_std_perp.clamp(min=_LOG_STD_MIN)) * zp
+            noise = noise + torch.exp(self.log_std_used("log_std_perp")) * zp
         return noise.reshape(num, self.out_dim, self.in1)
 
 

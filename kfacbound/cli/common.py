@@ -113,7 +113,9 @@ def device_option(f: Callable) -> Callable:
 
 def dtype_option(f: Callable) -> Callable:
     """``--dtype float64|float32``: precision of exact curvature products."""
-    return click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64",
+    from ..analysis.compare import DTYPES  # only the curvature commands, which load it anyway
+
+    return click.option("--dtype", type=click.Choice(DTYPES), default="float64",
                         show_default=True,
                         help="Precision of the exact curvature products (float32: faster for "
                              "convs).")(f)
