@@ -298,3 +298,36 @@ def test_certify_refuses_standardized_data():
     with pytest.raises(KfacboundError, match="standardize"):
         certify_checkpoint(model.float(), ds, iterations=1, mc_passes=1, init_model=init.float(),
                            progress=False)
+
+
+@pytest.mark.parametrize("kind", ["diag", "kfac", "exact"])
+def test_repeated_draws_have_the_law_of_independent_networks(kind):
+    """forward_repeated (first layer's moments shared across passes) against explicit networks
+    sampled weight by weight: same output law, and passes / examples uncorrelated."""
+    gen = torch.Generator().manual_seed(7)
+    model = small_mlp(0, widths=(4,), d=3, out=1)
+    Q = build(kind, model, gen, std_init=0.4, k=None)
+    x = torch.randn(1, 3, dtype=D)
+    torch.manual_seed(8)
+    out = Q.forward_repeated(x.expand(200, 3), 200)  # 200 passes × 200 copies of x
+    assert out.shape == (200, 200, 1)
+    flat = out.reshape(-1)
+    ref = []
+    torch.manual_seed(9)
+    for _ in range(3000):
+        h = x
+        for name in Q.names:
+            blk = Q.blocks[name]
+            if name in Q.layer_paths:
+                W = blk.mean + blk.sample_noise(1)[0]
+                h = F.linear(h, W[:, :-1], W[:, -1])
+            else:
+                h = blk(h)
+        ref.append(float(h))
+    ref = torch.tensor(ref, dtype=D)
+    assert float(flat.mean()) == pytest.approx(float(ref.mean()), abs=4 * float(ref.std()) / 54)
+    assert float(flat.std()) == pytest.approx(float(ref.std()), rel=0.06)
+    o = out[..., 0]
+    r_pass = torch.corrcoef(torch.stack([o[0::2].reshape(-1), o[1::2].reshape(-1)]))[0, 1]
+    r_ex = torch.corrcoef(torch.stack([o[:, 0::2].reshape(-1), o[:, 1::2].reshape(-1)]))[0, 1]
+    assert abs(float(r_pass)) < 0.03 and abs(float(r_ex)) < 0.03

@@ -48,10 +48,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..curvature.exact import DEFAULT_MAX_PARAMS, hessian_parts
 from ..errors import KfacboundError
+from ..progress import progress_bar
 
 _ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid)
 _PASSIVE = (nn.Flatten, nn.Identity, nn.Dropout)
@@ -275,7 +275,7 @@ def sweep_ranks(
 
     rows = []
     configs = [(L, w, n) for L in depths for n in ns for w in widths]
-    for L, w, n in tqdm(configs, desc="rank sweep", disable=not progress):
+    for L, w, n in progress_bar(len(configs), "rank sweep", progress, "config", configs):
         X, y, C = data_fn(n)
         spec = resolve_spec({"arch": "fc", "widths": [int(w)] * int(L), "activation": activation,
                              "bias": bias, "init": "glorot"}, input_shape=list(X.shape[1:]),

@@ -358,10 +358,9 @@ def run_batch(
                 outcome.failed.append(job.key)
                 errors[job.key] = record["error"]["message"]
 
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc="batch", unit="job", disable=not progress,
-                   dynamic_ncols=True)
+        bar = progress_bar(len(todo), "batch", progress, "job")
         pending = list(todo)
         running: set[str] = set()
         if threads is None:

@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import KfacboundError
 from ..losses import default_loss, make_loss, prepare_targets, zero_one_errors
 from ..models import count_parameters, fold_batchnorm, has_batchnorm
+from ..progress import progress_bar
 from .optimize import optimize_posterior
 from .pacbayes import (
     FORMULAS,
@@ -63,6 +63,7 @@ from .posteriors import (
     build_prior,
     exact_eigenbasis,
 )
+from .select import Selection
 
 CURVATURES = ("kflr", "kfac")
 
@@ -92,13 +93,16 @@ def deterministic_error(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def mc_errors(posterior: GaussianPosterior, X: torch.Tensor, y: torch.Tensor, passes: int = 1,
-              batch_size: int = 2048, seed: int = 0, device: str | torch.device = "cpu",
+              batch_size: int = 8192, seed: int = 0, device: str | torch.device = "cpu",
               progress: bool = True) -> tuple[int, int]:
     """(number of errors, N = len(X)·passes) with an independent network from Q per example.
 
     Linear layers use the local reparameterisation (independent noise per example), conv layers
     draw a whole kernel per example, so the N 0/1 outcomes are independent Bernoullis with mean
-    exactly L̂(Q) (the expected error of Q on these examples).
+    exactly L̂(Q) (the expected error of Q on these examples). All passes over a chunk of
+    examples are drawn together (:meth:`GaussianPosterior.forward_repeated`), so the first
+    layer's deterministic part is computed once per example; ``batch_size`` counts draws
+    (examples × passes) per chunk.
     """
     posterior = posterior.to(device).eval()
     state = torch.random.get_rng_state()
@@ -108,13 +112,14 @@ def mc_errors(posterior: GaussianPosterior, X: torch.Tensor, y: torch.Tensor, pa
     wrong = 0
     total = passes * len(X)
     try:
-        with tqdm(total=total, disable=not progress, desc="MC samples", leave=False) as bar:
-            for _ in range(passes):
-                for s in range(0, len(X), batch_size):
-                    xb, yb = X[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
-                    out = posterior(xb, sample=True, per_example=True)
-                    wrong += int(zero_one_errors(out, yb).sum())
-                    bar.update(len(xb))
+        chunk = max(1, batch_size // max(passes, 1))
+        with progress_bar(total, "MC samples", progress, unit="draw", leave=False) as bar:
+            for s in range(0, len(X), chunk):
+                xb, yb = X[s:s + chunk].to(device), y[s:s + chunk].to(device)
+                out = posterior.forward_repeated(xb, passes)
+                out = out.reshape(passes * len(xb), *out.shape[2:])
+                wrong += int(zero_one_errors(out, yb.repeat(passes, *[1] * (yb.ndim - 1))).sum())
+                bar.update(passes * len(xb))
     finally:
         torch.random.set_rng_state(state)
     return wrong, total
@@ -156,19 +161,27 @@ def certify_posterior(
     formula: str = "maurer",
     seed: int = 0,
     device: str | torch.device = "cpu",
-    batch_size: int = 2048,
+    batch_size: int = 8192,
     progress: bool = True,
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
-    """The certificate terms for a trained (Q, P) on the bound set (X, y), n = len(X)."""
+    """The certificate terms for a trained (Q, P) on the bound set (X, y), n = len(X).
+
+    ``selection``: this Q is one of m candidates of a selection (:mod:`.select`); the PAC-Bayes
+    and MC steps then use the per-candidate budgets (δ or δ/m, δ′/m) so that the best candidate
+    still holds at 1 − δ − δ′.
+    """
     if formula not in FORMULAS:
         raise KfacboundError(f"unknown formula {formula!r}; choose from {', '.join(FORMULAS)}")
     n = len(X)
+    d_each, dp_each = (delta, delta_prime) if selection is None else selection.budgets(
+        delta, delta_prime)
     j, lam, kl, kl_terms = round_lambda(posterior, prior)
     penalty = grid_penalty(j)
     wrong, N = mc_errors(posterior, X, y, mc_passes, batch_size, seed, device, progress)
     mc_error = wrong / N
-    mc_ub = mc_error_bound(mc_error, N, delta_prime)
-    B = complexity(kl, n, delta, formula, penalty)
+    mc_ub = mc_error_bound(mc_error, N, dp_each)
+    B = complexity(kl, n, d_each, formula, penalty)
     bound = kl_inv(mc_ub, B)
     return {
         "n": n,
@@ -188,48 +201,85 @@ def certify_posterior(
         "grid_penalty": penalty,
         "complexity": B,
         "confidence": 1.0 - delta - delta_prime,
-        "bounds": all_bounds(mc_ub, kl, n, delta, penalty),
+        "bounds": all_bounds(mc_ub, kl, n, d_each, penalty),
         "mc_passes": mc_passes,
         "mc_seed": int(seed),
         "num_params": posterior.numel(),
+        "selection": None if selection is None else selection.to_json(delta, delta_prime),
     }
 
 
 def recompute_certificate(d: Mapping[str, Any]) -> float:
     """The bound a certificate states, recomputed from its JSON fields alone.
 
-    Checks that λ is the grid value for j, that ê_N = errors/N, that N = n × passes, that the
-    stated confidence is 1 − δ − δ′ and, where the certificate carries ``kl_terms``
-    (‖μ − w0‖², tr Σ, ln det Σ, k), that KL = ½[(tr Σ + ‖μ − w0‖²)/λ − k + k ln λ − ln det Σ]
-    at λ = λ_j; then returns kl⁻¹(kl⁻¹(ê_N, ln(1/δ′)/N), B) with B per ``d['formula']``
-    (default 'maurer'). Compare the result with ``d['bound']``.
+    Rejects (:class:`KfacboundError`) a certificate whose parts do not fit together:
+
+    - j is not an integer ≥ 1, or λ is not the grid value c·exp(−j/b);
+    - N ≠ n × passes, ê_N ≠ errors/N;
+    - the stated confidence is not 1 − δ − δ′;
+    - ``kl_terms`` (‖μ − w0‖², tr Σ, ln det Σ, k) do not give the stated KL
+      ½[(tr Σ + ‖μ − w0‖²)/λ − k + k ln λ − ln det Σ] at λ_j, or k ≠ ``num_params``;
+    - n + ``prior.prior_n`` (0 for a data-free prior) ≠ the training-set size recorded in
+      ``dataset.size``;
+    - a ``selection`` whose per-candidate budgets are not (δ or δ/m, δ′/m) (:mod:`.select`).
+
+    Then returns kl⁻¹(kl⁻¹(ê_N, ln(1/δ′_c)/N), B) with B per ``d['formula']`` (default
+    'maurer') at δ_c, where (δ_c, δ′_c) = (δ, δ′) or the selection's per-candidate budgets.
+    Compare the result with ``d['bound']``. Fields missing from certificates written by older
+    versions are not checked.
     """
     grid = d.get("grid", {"c": GRID_C, "b": GRID_B})
-    j = int(d["j"])
+    j = _integer(d["j"], "grid index j")
     if j < 1:
         raise KfacboundError("certificate has grid index j < 1")
     lam = grid_lambda(j, grid["c"], grid["b"])
     if not math.isclose(lam, float(d["lambda"]), rel_tol=1e-9):
         raise KfacboundError(f"certificate λ={d['lambda']} is not grid point j={j} ({lam})")
-    N = int(d["mc_samples"])
-    if "mc_passes" in d and N != int(d["n"]) * int(d["mc_passes"]):
+    n = _integer(d["n"], "n")
+    N = _integer(d["mc_samples"], "mc_samples")
+    if "mc_passes" in d and N != n * _integer(d["mc_passes"], "mc_passes"):
         raise KfacboundError(f"certificate has N = {N} draws, not n × passes")
+    delta, delta_prime = float(d["delta"]), float(d["delta_prime"])
     if "confidence" in d and not math.isclose(
-            float(d["confidence"]), 1.0 - float(d["delta"]) - float(d["delta_prime"]),
-            rel_tol=1e-12):
+            float(d["confidence"]), 1.0 - delta - delta_prime, rel_tol=1e-12):
         raise KfacboundError("certificate confidence is not 1 − δ − δ′")
     if "kl_terms" in d:
         t = d["kl_terms"]
-        kl = float(kl_isotropic_terms(t["sq_dist"], t["trace_sigma"], t["logdet_sigma"],
-                                      int(t["k"]), lam))
+        k = _integer(t["k"], "kl_terms.k")
+        if "num_params" in d and k != _integer(d["num_params"], "num_params"):
+            raise KfacboundError(
+                f"certificate KL is over k = {k} parameters, but Q has {d['num_params']}")
+        kl = float(kl_isotropic_terms(t["sq_dist"], t["trace_sigma"], t["logdet_sigma"], k,
+                                      lam))
         if not math.isclose(kl, float(d["kl"]), rel_tol=1e-9, abs_tol=1e-6):
             raise KfacboundError(f"certificate KL {d['kl']} differs from its terms ({kl})")
+    size = (d.get("dataset") or {}).get("size") if isinstance(d.get("dataset"), Mapping) else None
+    if size is not None:
+        prior_n = (d.get("prior") or {}).get("prior_n") or 0
+        if n + int(prior_n) != int(size):
+            raise KfacboundError(
+                f"certificate n = {n} plus prior_n = {prior_n} is not the training-set size "
+                f"{size}: the bound set is not the part of the data the prior did not see")
     if "mc_errors" in d and not math.isclose(d["mc_errors"] / N, d["mc_error"], rel_tol=1e-12):
         raise KfacboundError("certificate mc_error differs from mc_errors / mc_samples")
-    mc_ub = mc_error_bound(float(d["mc_error"]), N, float(d["delta_prime"]))
-    B = complexity(float(d["kl"]), int(d["n"]), float(d["delta"]), d.get("formula", "maurer"),
-                   grid_penalty(j))
+    d_each, dp_each = delta, delta_prime
+    if d.get("selection"):
+        sel = d["selection"]
+        d_each, dp_each = Selection.from_json(sel).budgets(delta, delta_prime)
+        for key, val in (("delta_each", d_each), ("delta_prime_each", dp_each)):
+            if key in sel and not math.isclose(float(sel[key]), val, rel_tol=1e-12):
+                raise KfacboundError(f"certificate selection.{key} = {sel[key]} is not {val}")
+    mc_ub = mc_error_bound(float(d["mc_error"]), N, dp_each)
+    B = complexity(float(d["kl"]), n, d_each, d.get("formula", "maurer"), grid_penalty(j))
     return kl_inv(mc_ub, B)
+
+
+def _integer(value: Any, name: str) -> int:
+    """``value`` as an int, refusing non-integers (1.5, "3", True)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()):
+        raise KfacboundError(f"certificate {name} must be an integer, not {value!r}")
+    return int(value)
 
 
 # ----------------------------------------------------------------------------- curvature
@@ -310,7 +360,7 @@ def train_prior_mean(init_model: nn.Module, X: torch.Tensor, y: torch.Tensor, lo
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(int(seed) + 7)
     steps = epochs * math.ceil(len(X) / batch_size)
-    for step in tqdm(range(steps), disable=not progress, desc="prior SGD", leave=False):
+    for step in progress_bar(steps, "prior SGD", progress, "step", range(steps), leave=False):
         if step % math.ceil(len(X) / batch_size) == 0:
             perm = torch.randperm(len(X), generator=gen)
         s = (step % math.ceil(len(X) / batch_size)) * batch_size
@@ -361,7 +411,8 @@ def certify_checkpoint(
     prior_epochs: int = 1,
     c: float = GRID_C,
     b: float = GRID_B,
-    mc_batch_size: int = 2048,
+    mc_batch_size: int = 8192,
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
     """Optimise a Gaussian posterior for a checkpoint and return the JSON-able certificate.
 
@@ -373,6 +424,7 @@ def certify_checkpoint(
     ``basis_every``: recompute the K-FAC basis at the current mean every that many steps.
     ``lr_decay=(f, γ)``: learning rates × γ for the last fraction f of the steps (None or f = 0:
     constant rates, D&R's original schedule).
+    ``selection``: this run is one candidate of a selection (see :func:`.select.certify_best`).
     """
     t0 = time.perf_counter()
     ckpt_info: dict[str, Any] = {}
@@ -396,6 +448,8 @@ def certify_checkpoint(
             "it (or standardise with fixed statistics in an npz file)"
         )
     X, y = _tensors(train_ds)
+    data_spec = dict(data_spec) if isinstance(data_spec, Mapping) else {}
+    data_spec["size"] = len(X)  # the training set as given, before any prior split
     if has_batchnorm(model):
         model = fold_batchnorm(model)
         if init_model is not None:
@@ -479,7 +533,8 @@ def certify_checkpoint(
     tm = time.perf_counter()
     cert = certify_posterior(Q, P, X, y, delta=delta, delta_prime=delta_prime,
                              mc_passes=mc_passes, formula=formula, seed=seed + 1,
-                             device=device, batch_size=mc_batch_size, progress=progress)
+                             device=device, batch_size=mc_batch_size, progress=progress,
+                             selection=selection)
     mc_time = time.perf_counter() - tm
     Q.cpu()
     mean_model = Q.mean_model()

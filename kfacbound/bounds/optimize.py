@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..errors import KfacboundError
+from ..progress import progress_bar
 from .pacbayes import complexity, kl_inv
 from .posteriors import GaussianPosterior, IsotropicPrior, KronLayer
 
@@ -162,7 +162,7 @@ def optimize_posterior(
         decay_step = int(round((1.0 - frac) * iterations))
     log = TrainLog()
     posterior.train()
-    bar = tqdm(range(iterations), disable=not progress, desc="posterior", leave=False)
+    bar = progress_bar(iterations, "posterior", progress, "step", range(iterations), leave=False)
     running = None
     for step in bar:
         if step == decay_step:

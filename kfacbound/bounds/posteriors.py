@@ -17,7 +17,10 @@ mean M (initialised at the trained weights) and a trainable log-std:
 Z, z, z′ are standard normal. The prior is P = N(w0, λI) (:class:`IsotropicPrior`), w0 the
 (folded) initial weights, λ = exp(log λ) trainable. Because P is isotropic,
 KL(Q‖P) = ½[tr Σ/λ + ‖M − w0‖²/λ − k + k ln λ − ln det Σ] whatever the bases are
-(:func:`kfacbound.bounds.pacbayes.kl_isotropic_terms`).
+(:func:`kfacbound.bounds.pacbayes.kl_isotropic_terms`). The certified tr Σ and ln det Σ are those
+of the Gaussian that is actually sampled: the Kronecker bases are stored in float32 for speed and
+are orthogonal only to rounding, so :meth:`KronLayer.var_stats` uses their exact float64 column
+norms and determinants; the exact-eigenbasis layer keeps and samples its basis in float64.
 
 Sampling. ``forward(x, per_example=True)`` returns the outputs of a network drawn from Q
 *independently for every example*:
@@ -109,8 +112,21 @@ class LayerPosterior(nn.Module):
 
     def linear_noise(self, a1: torch.Tensor) -> torch.Tensor:
         """Per-row independent draws of (W̃ − M) ã for the rows ã of ``a1`` (B × in1)."""
+        scale = self.noise_scale(a1)
+        if scale is not None:
+            return self.noise_from_scale(scale)
         noise = self.sample_noise(a1.shape[0])
         return torch.einsum("boi,bi->bo", noise, a1)
+
+    def noise_scale(self, a1: torch.Tensor) -> torch.Tensor | None:
+        """For layers whose (W̃ − M) ã given ã is T (s ∘ ε), ε ~ N(0, I), with a fixed matrix T:
+        the per-row scales s (B × out), else ``None``. s depends on ã only, so repeated draws for
+        the same inputs (Monte-Carlo passes over a fixed first layer input) reuse it."""
+        return None
+
+    def noise_from_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """One draw of T (s ∘ ε) per row of ``scale`` (see :meth:`noise_scale`)."""
+        raise NotImplementedError
 
     # -- forward -----------------------------------------------------------------------------
     def log_std_used(self, name: str = "log_std", dtype: torch.dtype | None = None
@@ -183,9 +199,12 @@ class DiagLayer(LayerPosterior):
         std = torch.exp(self.log_std_used())
         return std * torch.randn(num, *std.shape, dtype=std.dtype, device=std.device)
 
-    def linear_noise(self, a1: torch.Tensor) -> torch.Tensor:
-        var = F.linear(a1 * a1, torch.exp(2 * self.log_std_used()))
-        return torch.sqrt(var) * torch.randn_like(var)
+    def noise_scale(self, a1: torch.Tensor) -> torch.Tensor:
+        """s_o = √(Σ_i σ_oi² ã_i²); T = I."""
+        return torch.sqrt(F.linear(a1 * a1, torch.exp(2 * self.log_std_used())))
+
+    def noise_from_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale * torch.randn_like(scale)
 
 
 def _eigh(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +232,10 @@ class KronLayer(LayerPosterior):
         self.register_buffer("U_A", ua.to(dtype))
         self.register_buffer("eig_G", eg.to(dtype))
         self.register_buffer("eig_A", ea.to(dtype))
+        self.register_buffer("norm2_G", torch.zeros(self.out_dim, dtype=torch.float64))
+        self.register_buffer("norm2_A", torch.zeros(self.in1, dtype=torch.float64))
+        self.register_buffer("logabsdet_U", torch.zeros((), dtype=torch.float64))
+        self._basis_stats()
         if std == "dr":
             rot = ug.T @ self.mean.detach().to(torch.float64) @ ua
             log_std = _init_log_std(rot, std_scale, std_min, math.sqrt(prior_var))
@@ -223,17 +246,51 @@ class KronLayer(LayerPosterior):
             log_std = torch.full_like(self.mean, math.log(float(std)), dtype=torch.float64)
         self.log_std = nn.Parameter(log_std.to(dtype).clone())
 
+    @torch.no_grad()
+    def _basis_stats(self) -> None:
+        """Float64 statistics of the bases *as stored* (float32 by default), used by the KL.
+
+        The stored Ũ_G, Ũ_A are the float64 eigenvectors rounded to the sampling dtype, so they
+        are orthogonal only up to rounding. The Gaussian actually sampled is
+        N(M, Σ̃), Σ̃ = (Ũ_G ⊗ Ũ_A) D (Ũ_G ⊗ Ũ_A)ᵀ, D = diag(vec S²), and its KL terms are exact
+        without orthogonality:
+
+        - tr Σ̃ = Σ_ij S_ij² ‖ũ_G,i ⊗ ũ_A,j‖² = Σ_ij S_ij² ‖ũ_G,i‖² ‖ũ_A,j‖²;
+        - ln det Σ̃ = Σ_ij ln S_ij² + 2 ln|det(Ũ_G ⊗ Ũ_A)|
+          = Σ_ij ln S_ij² + 2 (in1 · ln|det Ũ_G| + out · ln|det Ũ_A|),
+          since det(X ⊗ Y) = det(X)^m det(Y)^n for X n×n, Y m×m.
+
+        Stored: the squared column norms ‖ũ_G,i‖², ‖ũ_A,j‖² and ln|det(Ũ_G ⊗ Ũ_A)|, computed in
+        float64 from the rounded bases (issue 15: the sampled Q is the Q whose KL is certified).
+        """
+        UG = self.U_G.detach().to(torch.float64)
+        UA = self.U_A.detach().to(torch.float64)
+        self.norm2_G.copy_((UG * UG).sum(0))
+        self.norm2_A.copy_((UA * UA).sum(0))
+        ld = self.in1 * torch.linalg.slogdet(UG)[1] + self.out_dim * torch.linalg.slogdet(UA)[1]
+        self.logabsdet_U.copy_(ld)
+
+    def var_stats(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tr Σ̃, ln det Σ̃) of the sampled Gaussian, exact for the stored bases (see
+        :meth:`_basis_stats`); differentiable in the log-stds."""
+        ls = self.log_std_used(dtype=dtype)
+        nG = self.norm2_G.to(ls.dtype)
+        nA = self.norm2_A.to(ls.dtype)
+        trace = (nG[:, None] * torch.exp(2 * ls) * nA[None, :]).sum()
+        return trace, 2 * ls.sum() + 2 * self.logabsdet_U.to(ls.dtype)
+
     def sample_noise(self, num: int) -> torch.Tensor:
         S = torch.exp(self.log_std_used())
         Z = torch.randn(num, *S.shape, dtype=S.dtype, device=S.device)
         return self.U_G @ (S * Z) @ self.U_A.T
 
-    def linear_noise(self, a1: torch.Tensor) -> torch.Tensor:
+    def noise_scale(self, a1: torch.Tensor) -> torch.Tensor:
+        """s_o = √(Σ_j S_oj² ã_rot,j²) with ã_rot = U_Aᵀ ã; T = U_G."""
         a_rot = a1 @ self.U_A  # rows: U_Aᵀ ã
-        S2 = torch.exp(2 * self.log_std_used())
-        var = F.linear(a_rot * a_rot, S2)  # Σ_j S_oj² ã_rot,j²
-        xi = torch.sqrt(var) * torch.randn_like(var)
-        return xi @ self.U_G.T
+        return torch.sqrt(F.linear(a_rot * a_rot, torch.exp(2 * self.log_std_used())))
+
+    def noise_from_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        return (scale * torch.randn_like(scale)) @ self.U_G.T
 
     @torch.no_grad()
     def update_basis(self, G: torch.Tensor, A: torch.Tensor) -> None:
@@ -255,6 +312,7 @@ class KronLayer(LayerPosterior):
         self.U_A.copy_(ua)
         self.eig_G.copy_(eg.to(self.eig_G.dtype))
         self.eig_A.copy_(ea.to(self.eig_A.dtype))
+        self._basis_stats()
 
 
 class ExactLayer(LayerPosterior):
@@ -273,7 +331,9 @@ class ExactLayer(LayerPosterior):
         U64 = U.detach().to(torch.float64)
         k = U64.shape[1]
         self.k = k
-        self.register_buffer("U", U64.to(dtype))
+        # float64 basis, sampled in float64: the complement projector I − U Uᵀ is then exact to
+        # ~1e-15, so the sampled covariance is the one whose KL is certified (issue 15).
+        self.register_buffer("U", U64)
         self.register_buffer("evals", evals.detach().to(dtype))
         mu = self.mean.detach().reshape(-1).to(torch.float64)
         coef = U64.T @ mu
@@ -305,14 +365,14 @@ class ExactLayer(LayerPosterior):
         return sum_var, sum_log
 
     def sample_noise(self, num: int) -> torch.Tensor:
-        std = torch.exp(self.log_std_used())
+        std = torch.exp(self.log_std_used(dtype=self.U.dtype))
         z = torch.randn(num, self.k, dtype=std.dtype, device=std.device)
         noise = (z * std) @ self.U.T
         if self.numel() > self.k:
             zp = torch.randn(num, self.numel(), dtype=std.dtype, device=std.device)
             zp = zp - (zp @ self.U) @ self.U.T
-            noise = noise + torch.exp(self.log_std_used("log_std_perp")) * zp
-        return noise.reshape(num, self.out_dim, self.in1)
+            noise = noise + torch.exp(self.log_std_used("log_std_perp", self.U.dtype)) * zp
+        return noise.reshape(num, self.out_dim, self.in1).to(self.mean.dtype)
 
 
 def exact_eigenbasis(H: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,6 +447,37 @@ class GaussianPosterior(nn.Module):
             else:
                 x = block(x)
         return x
+
+    @torch.no_grad()
+    def forward_repeated(self, x: torch.Tensor, passes: int) -> torch.Tensor:
+        """Outputs of ``passes`` independent networks from Q for every example: (passes, B, …).
+
+        Same law as ``passes`` calls of ``forward(x, per_example=True)``: every (pass, example)
+        pair gets its own independent draw. Cheaper: the first layer's input is the same in every
+        pass, so its mean pre-activation M ã and its noise scales (:meth:`noise_scale`) are
+        computed once and only the noise T (s ∘ ε) is drawn per pass; the later layers run on
+        the passes stacked into the batch dimension.
+        """
+        B = x.shape[0]
+        names = list(self.names)
+        while names and names[0] not in self.layer_paths:
+            x = self.blocks[names.pop(0)](x)
+        first = self.blocks[names[0]] if names else None
+        scale = None
+        if first is not None and first.kind == "linear":
+            a1 = torch.cat([x, x.new_ones(B, 1)], dim=1) if first.has_bias else x
+            scale = first.noise_scale(a1)
+        if scale is None:  # conv or exact first layer: repeat the input
+            x = x.unsqueeze(0).expand(passes, *x.shape).reshape(passes * B, *x.shape[1:])
+        else:
+            z = first(x, sample=False)
+            reps = scale.unsqueeze(0).expand(passes, *scale.shape).reshape(passes * B, -1)
+            x = z.repeat(passes, 1) + first.noise_from_scale(reps)
+            names.pop(0)
+        for name in names:
+            block = self.blocks[name]
+            x = block(x, sample=True, per_example=True) if name in self.layer_paths else block(x)
+        return x.reshape(passes, B, *x.shape[1:])
 
     def numel(self) -> int:
         return sum(layer.numel() for _, layer in self.layers())

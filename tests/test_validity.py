@@ -1,0 +1,198 @@
+"""Certificate validity (issue 15): selection among runs pays for itself, recompute_certificate
+rejects inconsistent certificates, the certified KL is the KL of the Gaussian actually sampled.
+
+References are independent: dense float64 torch.distributions KLs, the bound formulas written out
+with scipy's brentq in tests/test_certify.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from kfacbound.bounds import certify as cf
+from kfacbound.bounds.posteriors import ExactLayer, KronLayer, build_posterior, build_prior
+from kfacbound.bounds.select import Selection, certify_best
+from kfacbound.errors import KfacboundError
+
+from .test_certify import brentq_kl_inv, data_factors, toy_data, toy_model, train
+from .test_posteriors import dense_cov, psd, random_eigenbases, random_factors, small_mlp
+
+D = torch.float64
+
+
+def independent_bound(d: dict, delta: float, delta_prime: float) -> float:
+    """The bound from the JSON at the given budgets, formulas written out here (Maurer form)."""
+    n, N = d["n"], d["mc_samples"]
+    ub = brentq_kl_inv(d["mc_errors"] / N, math.log(1 / delta_prime) / N)
+    pen = 2 * math.log(d["j"]) + math.log(math.pi**2 / 6)
+    B = (d["kl"] + pen + math.log(2 * math.sqrt(n) / delta)) / n
+    return brentq_kl_inv(ub, B)
+
+
+def dense_kl(Q, P) -> float:
+    ref = 0.0
+    for path, layer in Q.layers():
+        mu = layer.mean.detach().reshape(-1).double()
+        w0 = P.center(path).reshape(-1).double()
+        q = torch.distributions.MultivariateNormal(mu, covariance_matrix=dense_cov(layer))
+        p = torch.distributions.MultivariateNormal(
+            w0, covariance_matrix=float(P.lam.detach()) * torch.eye(len(mu), dtype=D))
+        ref += float(torch.distributions.kl_divergence(q, p))
+    return ref
+
+
+@pytest.fixture(scope="module")
+def trained():
+    X, y = toy_data()
+    _, init, model = toy_model()
+    return X, y, init, train(model, X, y)
+
+
+# ----------------------------------------------------------------------------- sampled = certified
+
+
+def test_kron_kl_is_the_kl_of_the_sampled_gaussian_for_non_orthogonal_bases():
+    """float32 bases are orthogonal only to rounding; the KL must be that of the Gaussian whose
+    covariance (Ũ_G ⊗ Ũ_A) D (Ũ_G ⊗ Ũ_A)ᵀ is sampled. Exaggerate the rounding (a 5 %
+    perturbation) so that the orthogonal-basis formula would be visibly wrong."""
+    gen = torch.Generator().manual_seed(4)
+    model, init = small_mlp(0), small_mlp(1)
+    Q = build_posterior(model, "kfac", factors=random_factors(model, gen), std_init=0.05,
+                        dtype=torch.float32)
+    with torch.no_grad():
+        for _, layer in Q.layers():
+            assert isinstance(layer, KronLayer) and layer.U_G.dtype == torch.float32
+            layer.U_G.add_(0.05 * torch.randn(layer.U_G.shape, generator=gen))
+            layer.U_A.add_(0.05 * torch.randn(layer.U_A.shape, generator=gen))
+            layer.log_std.add_(0.3 * torch.randn(layer.log_std.shape, generator=gen))
+            layer._basis_stats()
+    P = build_prior(Q, init, lam=0.02)
+    ref = dense_kl(Q, P)
+    assert float(Q.kl(P, dtype=D)) == pytest.approx(ref, rel=1e-9)
+    # the orthogonal-basis formula (Σ S², Σ ln S²) is off: the test can fail
+    naive = 0.0
+    for path, layer in Q.layers():
+        ls = layer.log_std.detach().double()
+        diff = layer.mean.detach().double() - P.center(path).double()
+        naive += 0.5 * ((torch.exp(2 * ls).sum() + (diff**2).sum()) / 0.02 - ls.numel()
+                        + ls.numel() * math.log(0.02) - 2 * ls.sum())
+    assert abs(float(naive) - ref) > 1e-3
+
+
+def test_kron_sampling_follows_the_stored_bases():
+    """Empirical covariance of the sampled weights = the dense covariance used in the KL."""
+    gen = torch.Generator().manual_seed(5)
+    model = small_mlp(0, widths=(3,), d=2, out=2)
+    Q = build_posterior(model, "kfac", factors=random_factors(model, gen), std_init=0.3,
+                        dtype=torch.float32)
+    layer = Q.blocks["fc1"]
+    with torch.no_grad():
+        layer.U_G.add_(0.1 * torch.randn(layer.U_G.shape, generator=gen))
+        layer._basis_stats()
+    torch.manual_seed(0)
+    noise = layer.sample_noise(200000).reshape(200000, -1).double()
+    emp = noise.T @ noise / len(noise)
+    assert torch.allclose(emp, dense_cov(layer), atol=0.01)
+
+
+def test_exact_posterior_keeps_and_samples_its_basis_in_float64():
+    gen = torch.Generator().manual_seed(6)
+    model, init = small_mlp(0), small_mlp(1)
+    Q = build_posterior(model, "exact", eigenbases=random_eigenbases(model, gen, 4),
+                        std_init=0.05, dtype=torch.float32)
+    for _, layer in Q.layers():
+        assert isinstance(layer, ExactLayer) and layer.U.dtype == torch.float64
+        assert layer.sample_noise(3).dtype == torch.float32
+    P = build_prior(Q, init, lam=0.02)
+    assert float(Q.kl(P, dtype=D)) == pytest.approx(dense_kl(Q, P), rel=1e-7)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_selection_budgets():
+    assert Selection(4, shared_prior=True).budgets(0.025, 0.01) == (0.025, 0.0025)
+    assert Selection(4, shared_prior=False).budgets(0.025, 0.01) == (0.025 / 4, 0.0025)
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(KfacboundError):
+            Selection(bad, shared_prior=True)
+
+
+def test_selection_over_posteriors_pays_delta_prime_over_m(trained, monkeypatch):
+    X, y, init, model = trained
+    monkeypatch.setattr(cf, "kfac_factors", data_factors)
+    cands = [{"posterior": "diag"}, {"posterior": "kfac"}, {"posterior": "diag", "lr": 3e-3}]
+    cert = certify_best(model, TensorDataset(X, y), cands, iterations=60, mc_passes=2,
+                        init_model=init, progress=False)
+    cert = json.loads(json.dumps(cert))
+    sel = cert["selection"]
+    assert sel["m"] == 3 and sel["shared_prior"] is True
+    assert sel["delta_prime_each"] == pytest.approx(0.01 / 3)
+    assert sel["delta_each"] == pytest.approx(0.025)
+    assert cert["confidence"] == pytest.approx(1 - 0.025 - 0.01)
+    assert cert["bound"] == min(c["bound"] for c in sel["candidates"])
+    assert cert["bound"] == pytest.approx(independent_bound(cert, 0.025, 0.01 / 3), abs=1e-9)
+    assert cf.recompute_certificate(cert) == pytest.approx(cert["bound"], abs=1e-12)
+    # the same numbers without the selection's price give a smaller (invalid) bound
+    unpaid = dict(cert, selection=None)
+    assert cf.recompute_certificate(unpaid) < cert["bound"]
+    # m is part of the certificate: claiming fewer candidates is caught
+    with pytest.raises(KfacboundError, match="selection"):
+        cf.recompute_certificate(dict(cert, selection=dict(sel, m=1)))
+
+
+def test_selection_with_data_dependent_priors_also_splits_delta(trained):
+    X, y, init, model = trained
+    cands = [{"prior_split": 0.3}, {"prior_split": 0.5}]
+    cert = certify_best(model, TensorDataset(X, y), cands, iterations=20, mc_passes=1,
+                        init_model=init, progress=False)
+    sel = cert["selection"]
+    assert sel["shared_prior"] is False
+    assert sel["delta_each"] == pytest.approx(0.025 / 2)
+    d = json.loads(json.dumps(cert))
+    assert d["bound"] == pytest.approx(independent_bound(d, 0.025 / 2, 0.01 / 2), abs=1e-9)
+    assert cf.recompute_certificate(d) == pytest.approx(d["bound"], abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- recompute checks
+
+
+def test_recompute_rejects_wrong_k_n_j_and_confidence(trained):
+    X, y, init, model = trained
+    cert = cf.certify_checkpoint(model, TensorDataset(X, y), posterior="diag", iterations=5,
+                                 mc_passes=1, init_model=init, progress=False)
+    cert = json.loads(json.dumps(cert))
+    assert cert["dataset"]["size"] == len(X)
+    assert cf.recompute_certificate(cert) == pytest.approx(cert["bound"], abs=1e-12)
+    with pytest.raises(KfacboundError, match="parameters"):
+        cf.recompute_certificate(dict(cert, num_params=cert["num_params"] + 1))
+    with pytest.raises(KfacboundError, match="training-set size"):
+        cf.recompute_certificate(dict(cert, dataset=dict(cert["dataset"], size=len(X) + 1)))
+    with pytest.raises(KfacboundError, match="integer"):
+        cf.recompute_certificate(dict(cert, j=cert["j"] + 0.5))
+    with pytest.raises(KfacboundError, match="confidence"):
+        cf.recompute_certificate(dict(cert, confidence=0.99))
+
+
+def test_recompute_checks_n_plus_prior_n(trained):
+    X, y, init, model = trained
+    cert = cf.certify_checkpoint(model, TensorDataset(X, y), posterior="diag", iterations=5,
+                                 mc_passes=1, init_model=init, prior_split=0.25, progress=False)
+    cert = json.loads(json.dumps(cert))
+    assert cert["n"] + cert["prior"]["prior_n"] == cert["dataset"]["size"] == len(X)
+    assert cf.recompute_certificate(cert) == pytest.approx(cert["bound"], abs=1e-12)
+    # a bound that claims the whole training set as n while a prior saw part of it
+    bad = dict(cert, n=len(X), mc_samples=len(X), mc_errors=cert["mc_errors"])
+    bad["mc_error"] = bad["mc_errors"] / bad["mc_samples"]
+    with pytest.raises(KfacboundError, match="training-set size"):
+        cf.recompute_certificate(bad)
+
+
+def test_psd_helper_is_positive_definite():  # guards the helpers imported above
+    g = torch.Generator().manual_seed(0)
+    assert torch.linalg.eigvalsh(psd(5, g)).min() > 0
