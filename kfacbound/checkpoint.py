@@ -205,27 +205,69 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
     return Checkpoint(model, init_model, spec, meta, str(path))
 
 
+def _key_list(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
 def model_from_state(spec: dict[str, Any], state: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """Build the spec's model and load ``state`` strictly, with a clear error on mismatch."""
+    """Build the spec's model and load ``state`` strictly: every key and every shape must match.
+
+    A mismatch raises :class:`KfacboundError` with one line listing the missing keys, the
+    unexpected keys and the keys of the wrong shape (the first 12 of each, with their counts).
+    """
     model = build_model(spec, seed=0)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    name = spec.get("alias", spec["arch"])
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+             if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if missing or unexpected:
         raise KfacboundError(
-            f"{where}: state_dict does not fit architecture {spec.get('alias', spec['arch'])}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{where}: state_dict does not fit architecture {name}: "
+            f"missing {_key_list(missing)}; unexpected {_key_list(unexpected)}"
+            + (f"; wrong shape {_key_list(wrong)}" if wrong else "")
         )
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise KfacboundError(
-                f"{where}: state_dict does not fit architecture "
-                f"{spec.get('alias', spec['arch'])}: {key!r} has shape {tuple(value.shape)}, "
-                f"the architecture expects {tuple(expected[key].shape)}"
-            )
+    if wrong:
+        hint = ""
+        if any(w.startswith("conv1.weight ") for w in wrong) and spec["arch"] == "resnet":
+            hint = " (a 7x7 conv1 is the ImageNet stem: set \"stem\": \"imagenet\")"
+        raise KfacboundError(
+            f"{where}: state_dict does not fit architecture {name}: wrong shape (given vs "
+            f"expected) {_key_list(wrong)}{hint}"
+        )
     model.load_state_dict(state)
     check_finite(model, where)
     return model.eval()
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], spec: dict[str, Any]
+                     ) -> dict[str, torch.Tensor]:
+    """A state_dict saved elsewhere (e.g. torchvision-style) renamed to the zoo model's keys.
+
+    The zoo's ResNet uses torchvision's names (``conv1.weight``, ``layer1.0.bn1.running_mean``,
+    ``layer2.0.downsample.0.weight``, ``fc.bias``), so keys map one to one. Only two wrapper
+    artefacts are undone: a prefix on every key from ``nn.DataParallel``/DDP (``module.``) or
+    ``torch.compile`` (``_orig_mod.``) is stripped, and a BatchNorm's ``num_batches_tracked``
+    counter that older PyTorch versions did not save is filled with 0 (it is not used in eval
+    mode, where BN is the fixed affine map of its running statistics). Everything else is left
+    for :func:`model_from_state` to check key by key and shape by shape.
+    """
+    state = dict(state)
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    expected = build_model(spec, seed=0).state_dict()
+    for key in expected:
+        if key.endswith(".num_batches_tracked") and key not in state:
+            stem = key[: -len("num_batches_tracked")]
+            if f"{stem}running_mean" in state:
+                state[key] = torch.zeros((), dtype=torch.long)
+    return state
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -267,12 +309,18 @@ def import_state_dict(
     init_path: str | Path | None = None,
     **meta: Any,
 ) -> Checkpoint:
-    """Wrap a plain state_dict (and optionally the initial weights) into a checkpoint."""
-    state = read_state_dict(state_path)
+    """Wrap a plain state_dict (and optionally the initial weights) into a checkpoint.
+
+    The state_dicts pass through :func:`adapt_state_dict` (wrapper prefixes, missing BN
+    counters), then every key and shape is checked against ``spec``'s model.
+    """
+    spec = resolve_spec(spec)
+    state = adapt_state_dict(read_state_dict(state_path), spec)
     model = model_from_state(spec, state, str(state_path))
     init_model = None
     if init_path is not None:
-        init_model = model_from_state(spec, read_state_dict(init_path), str(init_path))
+        init_state = adapt_state_dict(read_state_dict(init_path), spec)
+        init_model = model_from_state(spec, init_state, str(init_path))
     meta.setdefault("imported_from", str(state_path))
     save_checkpoint(out, model, spec, init_model=init_model, **meta)
     return load_checkpoint(out)

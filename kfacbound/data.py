@@ -194,9 +194,17 @@ def _idx_dataset(name: str):
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Admits only what CIFAR-10's batches contain: dicts, lists, bytes and numpy arrays."""
+    """Admits only what CIFAR-10's batches contain: dicts, lists, bytes and numpy arrays.
+
+    Dicts, lists, ints and bytes need no global at all; numpy arrays need numpy's
+    reconstructors below. ``_codecs.encode`` (a pure string-to-bytes function, also admitted by
+    ``torch.load(weights_only=True)``) is how Python 3 writes bytes under pickle protocol 2, as
+    in batches re-saved from Python 3. Any other global — the only way a pickle runs code — is
+    refused before it is called.
+    """
 
     ALLOWED = {
+        ("_codecs", "encode"),
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
@@ -211,27 +219,54 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise KfacboundError(f"refusing to unpickle {module}.{name}: not a plain CIFAR-10 batch")
 
 
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 3, 32, 32], labels int64 [N]) of one CIFAR-10 python batch.
+
+    The file is a pickled dict {b"data": uint8 array N × 3072 (1024 red, then green, then blue
+    values, row-major 32 × 32), b"labels": list of N ints in 0..9, b"batch_label", b"filenames"},
+    read with :class:`_NumpyOnlyUnpickler` (encoding="bytes", as the files were written by
+    Python 2), so a file carrying code is refused before anything runs.
+    """
+    with open(path, "rb") as fh:
+        try:
+            batch = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+            raise KfacboundError(f"cannot read {path}: {exc}") from None
+    if not isinstance(batch, dict):
+        raise KfacboundError(f"{path} is not a CIFAR-10 batch (a pickled dict)")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if data is None or labels is None:
+        raise KfacboundError(f"{path} is not a CIFAR-10 batch: it has no 'data' and 'labels'")
+    data = np.asarray(data)
+    labels = np.asarray(labels)
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
+        raise KfacboundError(
+            f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} and "
+            f"{labels.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise KfacboundError(f"{path}: CIFAR-10 labels must lie in 0..9")
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
 def _cifar10(split: str, data_dir: str | None = None, **_: Any):
+    """CIFAR-10 from the python version's batches: data_batch_1..5 (train), test_batch (test),
+    in ``data_dir`` (or $KFACBOUND_DATA) itself or its ``cifar-10-batches-py``/``cifar10``."""
     roots = [Path(d) for d in (data_dir, os.environ.get("KFACBOUND_DATA")) if d]
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     for root in roots:
         for directory in (root, root / "cifar-10-batches-py", root / "cifar10"):
             if all((directory / n).exists() for n in names):
-                xs, ys = [], []
-                for n in names:
-                    with open(directory / n, "rb") as fh:
-                        try:
-                            batch = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
-                        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-                            raise KfacboundError(f"cannot read {directory / n}: {exc}") from None
-                    data = batch.get(b"data", batch.get("data"))
-                    labels = batch.get(b"labels", batch.get("labels"))
-                    xs.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
-                    ys.append(np.asarray(labels, dtype=np.int64))
-                return np.concatenate(xs), np.concatenate(ys), 10
+                parts = [_read_cifar_batch(directory / n) for n in names]
+                return (np.concatenate([p[0] for p in parts]),
+                        np.concatenate([p[1] for p in parts]), 10)
+    where = (f"{data_dir!r} does not exist" if data_dir and not Path(data_dir).exists()
+             else f"no {', '.join(names)} in {', '.join(map(str, roots)) or '(no --data-dir)'}")
     raise KfacboundError(
-        "cifar10 files not found; download the python version (cifar-10-python.tar.gz), extract it "
-        "and pass --data-dir DIR containing cifar-10-batches-py"
+        f"cifar10 files not found ({where}); download the python version "
+        "(cifar-10-python.tar.gz), extract it and pass --data-dir DIR containing "
+        "cifar-10-batches-py"
     )
 
 

@@ -3,7 +3,8 @@
 A spec is a plain JSON-serialisable dict with an ``"arch"`` key. :func:`resolve_spec` fills in
 every default, so a resolved spec describes the network completely; :func:`build_model` turns it
 into an ``nn.Sequential`` whose children have readable names (``fc1``, ``bn1``, ``act1``, ...,
-``out``), which are the module paths used for curvature factors.
+``out``) — or, for ``resnet``/``wrn``, a :class:`ResNet`/:class:`WideResNet` with torchvision's
+nested names (``layer1.0.conv1``) — and these module paths name the curvature factors.
 
 Architectures
 -------------
@@ -12,6 +13,28 @@ Architectures
 - ``lenet5``: conv(6, 5×5, pad 2) → pool → conv(16, 5×5) → pool → fc 120 → fc 84 → out,
   optional BatchNorm2d/1d after each conv/hidden linear.
 - ``cnn``: configurable conv stack (channels, kernel, padding, pooling) and a dense head.
+- ``resnet``: He et al.'s residual network of post-activation basic blocks (:class:`ResNet`,
+  :class:`BasicBlock`), ``blocks`` per stage, ``channels`` per stage, ``stem`` "cifar"
+  (conv 3×3, stride 1) or "imagenet" (conv 7×7 stride 2 + max-pool 3×3 stride 2, torchvision's).
+  Stage i > 1 halves the resolution; a block whose stride or width changes gets a 1×1 projection
+  shortcut (``downsample``, He et al.'s option B), all other shortcuts are identities. Submodule
+  names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.bn1``,
+  ``layer2.0.downsample.0``/``.1``, ``fc``), so torchvision state_dicts load unchanged.
+- ``wrn``: Zagoruyko & Komodakis' wide ResNet WRN-``depth``-``widen`` (:class:`WideResNet`,
+  pre-activation blocks :class:`WideBasic`, (depth − 4)/6 blocks per stage, widths 16·k, 32·k,
+  64·k).
+
+ResNets and WRNs take ``bn`` (default True, BatchNorm2d after/before every conv); with
+``bn=False`` every BatchNorm is dropped (an ``nn.Identity`` keeps its name, it has no
+parameters) and the convs get biases (``bias`` = null means "bias iff no BN"). Activations are
+never in-place (hooks need the pre-activation tensors), and the residual sum is out-of-place.
+
+Names parsed by :func:`resolve_spec`: ``resnet<D>`` with D = 6n + 2 (``resnet8``, ``resnet20``,
+``resnet32``, …: n blocks per stage, widths 16, 32, 64, CIFAR stem; He et al. 2016, §4.2),
+``resnet18`` and ``resnet34`` (torchvision's layouts, blocks 2-2-2-2 / 3-4-6-3, widths 64…512,
+ImageNet stem), ``wrn-<D>-<K>`` with D = 6n + 4 (``wrn-10-2``, ``wrn-16-4``, ``wrn-28-10``); a
+``-nobn`` suffix (``resnet8-nobn``) sets ``bn=False``. Input channels and size come from the
+dataset (3×32×32 CIFAR-10, 1×28×28 Fashion-MNIST: global average pooling makes any size work).
 
 Aliases (Dziugaite & Roy 2017): ``T-600``, ``T-1200``, ``T-300-300``, ``T-600-600`` are ReLU ``fc``
 networks with their initialisation (truncated normal, std 0.04; first-layer bias 0.1). The number
@@ -26,6 +49,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from collections import OrderedDict
 from typing import Any
 
@@ -37,6 +61,7 @@ from .errors import KfacboundError
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "linear")
 INITS = ("default", "glorot", "dr")
 POOLS = ("max", "avg", "none")
+STEMS = ("cifar", "imagenet")
 
 ALIASES: dict[str, dict[str, Any]] = {
     "T-600": {"arch": "fc", "widths": [600], "activation": "relu", "init": "dr"},
@@ -65,9 +90,60 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "bn": False,
         "init": "default",
     },
+    "resnet": {
+        "blocks": [1, 1, 1],
+        "channels": [16, 32, 64],
+        "stem": "cifar",
+        "activation": "relu",
+        "bias": None,
+        "bn": True,
+        "init": "default",
+    },
+    "wrn": {
+        "depth": 10,
+        "widen": 2,
+        "activation": "relu",
+        "bias": None,
+        "bn": True,
+        "init": "default",
+    },
 }
 
 ARCHS = tuple(_DEFAULTS)
+
+_TORCHVISION_RESNETS: dict[int, list[int]] = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
+
+
+def _zoo_name(name: str) -> dict[str, Any] | None:
+    """The partial spec a parsed zoo name stands for (see the module docstring), or None."""
+    base, bn = (name[:-5], False) if name.endswith("-nobn") else (name, None)
+    spec: dict[str, Any] | None = None
+    if m := re.fullmatch(r"resnet(\d+)", base):
+        depth = int(m.group(1))
+        if depth in _TORCHVISION_RESNETS:
+            spec = {"arch": "resnet", "blocks": list(_TORCHVISION_RESNETS[depth]),
+                    "channels": [64, 128, 256, 512], "stem": "imagenet"}
+        elif depth >= 8 and (depth - 2) % 6 == 0:
+            n = (depth - 2) // 6
+            spec = {"arch": "resnet", "blocks": [n, n, n], "channels": [16, 32, 64],
+                    "stem": "cifar"}
+    elif m := re.fullmatch(r"wrn-(\d+)-(\d+)", base):
+        depth, widen = int(m.group(1)), int(m.group(2))
+        if depth >= 10 and (depth - 4) % 6 == 0 and widen >= 1:
+            spec = {"arch": "wrn", "depth": depth, "widen": widen}
+    if spec is None:
+        return None
+    if bn is not None:
+        spec["bn"] = bn
+    return spec
+
+
+def _named_spec(name: str) -> dict[str, Any] | None:
+    """An alias or parsed zoo name as a partial spec carrying ``alias``; None if neither."""
+    if name in ALIASES:
+        return dict(copy.deepcopy(ALIASES[name]), alias=name)
+    spec = _zoo_name(name)
+    return None if spec is None else dict(spec, alias=name)
 
 
 def list_architectures() -> dict[str, str]:
@@ -77,8 +153,15 @@ def list_architectures() -> dict[str, str]:
         "lenet5": "LeNet-5 (conv 6-16, fc 120-84), optional BatchNorm",
         "cnn": "configurable conv stack + dense head: channels, kernel, pool, widths, bn",
     }
+    out["resnet"] = ("He et al. ResNet of basic blocks: blocks, channels, stem cifar|imagenet, "
+                     "bn (torchvision names)")
+    out["wrn"] = "wide ResNet WRN-depth-widen (pre-activation blocks), bn"
     for name, spec in ALIASES.items():
         out[name] = f"Dziugaite & Roy MLP, hidden {spec['widths']}, ReLU, their init"
+    out["resnet8, resnet20, resnet<6n+2>"] = "CIFAR ResNet (He et al. 2016), 16-32-64, BN"
+    out["resnet18, resnet34"] = "torchvision's ResNet-18/34 layout (ImageNet stem), BN"
+    out["wrn-10-2, wrn-16-4, wrn-<6n+4>-<k>"] = "wide ResNet (Zagoruyko & Komodakis), BN"
+    out["<name>-nobn"] = "any ResNet/WRN name without BatchNorm (convs get biases)"
     return out
 
 
@@ -93,8 +176,9 @@ def resolve_spec(
     ``overrides`` whose value is ``None`` are ignored, so CLI options can be passed through.
     """
     if isinstance(arch, str):
-        if arch in ALIASES:
-            spec = dict(ALIASES[arch], alias=arch)
+        named = _named_spec(arch)
+        if named is not None:
+            spec = named
         elif arch in _DEFAULTS:
             spec = {"arch": arch}
         else:
@@ -103,9 +187,10 @@ def resolve_spec(
             )
     else:
         spec = copy.deepcopy(dict(arch))
-        if spec.get("arch") in ALIASES:
-            alias = spec.pop("arch")
-            spec = {**ALIASES[alias], "alias": alias, **spec}
+        named = _named_spec(str(spec.get("arch"))) if spec.get("arch") not in _DEFAULTS else None
+        if named is not None:
+            spec.pop("arch")
+            spec = {**named, **spec}
     name = spec.get("arch")
     if name not in _DEFAULTS:
         raise KfacboundError(
@@ -140,11 +225,33 @@ def _validate(spec: dict[str, Any]) -> None:
         raise KfacboundError(f"unknown pool {spec['pool']!r}; choose from {', '.join(POOLS)}")
     if any(int(w) < 1 for w in spec.get("widths", [])):
         raise KfacboundError(f"hidden widths must be positive: {spec['widths']}")
-    if name in ("lenet5", "cnn") and len(spec["input_shape"]) != 3:
+    if name in ("lenet5", "cnn", "resnet", "wrn") and len(spec["input_shape"]) != 3:
         raise KfacboundError(
             f"{name} needs image inputs (channels, height, width); got shape {spec['input_shape']}."
             " Do not pass --flatten for convolutional networks."
         )
+    if spec.get("bias", True) not in (True, False, None):
+        raise KfacboundError(f"bias must be true, false or null, not {spec['bias']!r}")
+    if name == "resnet":
+        blocks, channels = spec["blocks"], spec["channels"]
+        if (not isinstance(blocks, list) or not isinstance(channels, list) or not blocks
+                or len(blocks) != len(channels)):
+            raise KfacboundError(
+                f"resnet needs lists blocks and channels of equal length (one entry per stage); "
+                f"got blocks={blocks}, channels={channels}"
+            )
+        if any(int(b) < 1 for b in blocks) or any(int(c) < 1 for c in channels):
+            raise KfacboundError(f"resnet blocks and channels must be positive: {blocks}, "
+                                 f"{channels}")
+        if spec["stem"] not in STEMS:
+            raise KfacboundError(f"unknown stem {spec['stem']!r}; choose from {', '.join(STEMS)}")
+    if name == "wrn":
+        depth, widen = int(spec["depth"]), int(spec["widen"])
+        if depth < 10 or (depth - 4) % 6 != 0 or widen < 1:
+            raise KfacboundError(
+                f"wrn needs depth = 6n + 4 >= 10 and widen >= 1 (e.g. wrn-10-2, wrn-16-4); got "
+                f"depth {spec['depth']}, widen {spec['widen']}"
+            )
 
 
 def _activation(name: str) -> nn.Module:
@@ -179,15 +286,181 @@ def _dense_stack(
     return in_features
 
 
-def build_model(spec: dict[str, Any], seed: int | None = None) -> nn.Sequential:
+def _norm(bn: bool, channels: int) -> nn.Module:
+    """BatchNorm2d, or a parameter-free ``nn.Identity`` standing in for it (``bn=False``)."""
+    return nn.BatchNorm2d(channels) if bn else nn.Identity()
+
+
+class BasicBlock(nn.Module):
+    """He et al.'s post-activation basic block, with torchvision's submodule names.
+
+        y = act2( bn2(conv2( act1(bn1(conv1(x))) )) + shortcut(x) ),
+
+    conv1 3×3 with ``stride``, conv2 3×3; shortcut(x) = x, or ``downsample(x)`` =
+    Sequential(conv 1×1 with ``stride`` [, BatchNorm2d]) when the stride or the width changes
+    (option B). The sum is out-of-place and the activations are not in-place, so forward hooks see
+    every layer's own output. ``fold_pairs`` lists the (layer, BN) pairs in which BN directly
+    follows the layer (:func:`fold_batchnorm`).
+    """
+
+    fold_pairs = (("conv1", "bn1"), ("conv2", "bn2"))
+
+    def __init__(self, in_channels: int, channels: int, stride: int, bn: bool, bias: bool,
+                 activation: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=bias)
+        self.bn1 = _norm(bn, channels)
+        self.act1 = _activation(activation)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=1, padding=1, bias=bias)
+        self.bn2 = _norm(bn, channels)
+        self.act2 = _activation(activation)
+        self.downsample: nn.Sequential | None = None
+        if stride != 1 or in_channels != channels:
+            proj: list[nn.Module] = [nn.Conv2d(in_channels, channels, 1, stride=stride,
+                                               bias=bias)]
+            if bn:
+                proj.append(nn.BatchNorm2d(channels))
+            self.downsample = nn.Sequential(*proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.act2(out + identity)
+
+
+class ResNet(nn.Module):
+    """conv1 → bn1 → act [→ maxpool] → layer1 … layerS → avgpool → flatten → fc.
+
+    Stem "cifar": conv 3×3, stride 1, padding 1; "imagenet": conv 7×7, stride 2, padding 3, then
+    max-pool 3×3 stride 2 padding 1 (torchvision). ``layer{i}`` is an ``nn.Sequential`` of
+    ``blocks[i]`` :class:`BasicBlock` s of width ``channels[i]``; the first block of stages
+    i > 1 has stride 2. avgpool is global (``AdaptiveAvgPool2d(1)``), fc the linear classifier.
+    """
+
+    fold_pairs = (("conv1", "bn1"),)
+
+    def __init__(self, in_channels: int, num_outputs: int, blocks: list[int],
+                 channels: list[int], stem: str = "cifar", bn: bool = True, bias: bool = False,
+                 activation: str = "relu"):
+        super().__init__()
+        c0 = int(channels[0])
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, c0, 7, stride=2, padding=3, bias=bias)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, c0, 3, stride=1, padding=1, bias=bias)
+        self.bn1 = _norm(bn, c0)
+        self.act = _activation(activation)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else None
+        c = c0
+        for i, (n, width) in enumerate(zip(blocks, channels, strict=True), start=1):
+            stage = [BasicBlock(c if j == 0 else int(width), int(width),
+                                2 if (i > 1 and j == 0) else 1, bn, bias, activation)
+                     for j in range(int(n))]
+            self.add_module(f"layer{i}", nn.Sequential(*stage))
+            c = int(width)
+        self.num_stages = len(blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(c, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.conv1(x)))
+        if self.maxpool is not None:
+            x = self.maxpool(x)
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f"layer{i}")(x)
+        return self.fc(self.flatten(self.avgpool(x)))
+
+
+class WideBasic(nn.Module):
+    """Pre-activation wide block (Zagoruyko & Komodakis 2016; He et al. 2016, "identity
+    mappings"):
+
+        h = act1(bn1(x)),   y = conv2( act2(bn2(conv1(h))) ) + shortcut,
+
+    conv1 3×3 with ``stride``, conv2 3×3; shortcut = x, or ``downsample(h)`` = Sequential(conv
+    1×1 with ``stride``) of the pre-activated input when the stride or the width changes (as in
+    the authors' code). BN precedes each conv here, so it cannot be folded into one exactly.
+    """
+
+    def __init__(self, in_channels: int, channels: int, stride: int, bn: bool, bias: bool,
+                 activation: str):
+        super().__init__()
+        self.bn1 = _norm(bn, in_channels)
+        self.act1 = _activation(activation)
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=bias)
+        self.bn2 = _norm(bn, channels)
+        self.act2 = _activation(activation)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=1, padding=1, bias=bias)
+        self.downsample: nn.Sequential | None = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.bn1(x))
+        out = self.conv2(self.act2(self.bn2(self.conv1(h))))
+        identity = x if self.downsample is None else self.downsample(h)
+        return out + identity
+
+
+class WideResNet(nn.Module):
+    """WRN-d-k: conv1 (3×3, 16) → layer1..3 → bn_final → act → avgpool → flatten → fc.
+
+    Stage i holds n = (d − 4)/6 :class:`WideBasic` blocks of width (16, 32, 64)[i]·k; stages 2
+    and 3 start with stride 2.
+    """
+
+    def __init__(self, in_channels: int, num_outputs: int, depth: int, widen: int,
+                 bn: bool = True, bias: bool = False, activation: str = "relu"):
+        super().__init__()
+        n = (int(depth) - 4) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=bias)
+        c = 16
+        for i, width in enumerate((16 * widen, 32 * widen, 64 * widen), start=1):
+            stage = [WideBasic(c if j == 0 else width, width, 2 if (i > 1 and j == 0) else 1,
+                               bn, bias, activation) for j in range(n)]
+            self.add_module(f"layer{i}", nn.Sequential(*stage))
+            c = width
+        self.bn_final = _norm(bn, c)
+        self.act = _activation(activation)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(c, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        return self.fc(self.flatten(self.avgpool(self.act(self.bn_final(x)))))
+
+
+def _residual_model(spec: dict[str, Any]) -> nn.Module:
+    bn = bool(spec["bn"])
+    bias = (not bn) if spec.get("bias") is None else bool(spec["bias"])
+    in_channels = int(spec["input_shape"][0])
+    if spec["arch"] == "resnet":
+        return ResNet(in_channels, spec["num_outputs"], [int(b) for b in spec["blocks"]],
+                      [int(c) for c in spec["channels"]], spec["stem"], bn, bias,
+                      spec["activation"])
+    return WideResNet(in_channels, spec["num_outputs"], int(spec["depth"]), int(spec["widen"]),
+                      bn, bias, spec["activation"])
+
+
+def build_model(spec: dict[str, Any], seed: int | None = None) -> nn.Module:
     """The network a resolved spec describes, initialised with ``spec['init']``.
 
-    ``seed`` seeds the initialisation through a private generator (global RNG untouched).
+    An ``nn.Sequential`` for fc/lenet5/cnn, a :class:`ResNet` / :class:`WideResNet` for
+    resnet/wrn. ``seed`` seeds the initialisation through a private generator (global RNG
+    untouched).
     """
     spec = resolve_spec(spec) if "input_shape" not in spec else spec
     _validate(spec)
     name = spec["arch"]
     shape = spec["input_shape"]
+    if name in ("resnet", "wrn"):
+        model = _residual_model(spec)
+        initialize(model, spec["init"], seed=seed)
+        return model
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     if name == "fc":
         layers["flatten"] = nn.Flatten()
@@ -301,26 +574,60 @@ def spec_from_json(text: str) -> dict[str, Any]:
     return resolve_spec(spec)
 
 
-def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
+def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every eval-mode BatchNorm folded into the layer before it.
 
     BN(z) = s ⊙ (z − μ) + β with s = γ / √(σ² + ε) per channel, so for z = W a + b the fold is
     W' = diag(s) W, b' = s ⊙ (b − μ) + β (a bias is added when the layer had none). The folded
-    network computes the same function as ``model.eval()``. The BN modules are removed, so module
-    paths of the other layers are unchanged. Requires each BatchNorm to follow a Linear/Conv2d
-    directly (as in every architecture of this zoo).
+    network computes the same function as ``model.eval()``; module paths of the other layers are
+    unchanged. Where BN may sit: directly after a Linear/Conv2d inside an ``nn.Sequential`` (the
+    BN entry is removed, as in every fc/lenet5/cnn network and ResNet's ``downsample``), or as a
+    (layer, BN) pair a module lists in its ``fold_pairs`` (:class:`ResNet`, :class:`BasicBlock`;
+    the BN is replaced by ``nn.Identity``). Any other BatchNorm (pre-activation blocks of
+    :class:`WideResNet`, BN after a pooling layer) raises :class:`KfacboundError`: no exact fold
+    exists there (zero padding of the next conv would see the shifted border).
     """
     model = copy.deepcopy(model).eval()
-    names = list(model._modules)
+    return _fold_module(model, "")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _fold_module(module: nn.Module, path: str) -> nn.Module:
+    if isinstance(module, nn.Sequential):
+        module = _fold_sequential(module, path)
+    else:
+        for layer_name, bn_name in getattr(module, "fold_pairs", ()):
+            bn = module._modules.get(bn_name)
+            layer = module._modules.get(layer_name)
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and isinstance(
+                    layer, (nn.Linear, nn.Conv2d)):
+                module._modules[layer_name] = _fold_pair(layer, bn)
+                module._modules[bn_name] = nn.Identity()
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            raise KfacboundError(
+                f"cannot fold BatchNorm {_join(path, name)!r}: it does not directly follow a "
+                "Linear/Conv2d layer (e.g. a pre-activation block)"
+            )
+        module._modules[name] = _fold_module(child, _join(path, name))
+    return module
+
+
+def _fold_sequential(model: nn.Sequential, path: str) -> nn.Sequential:
     keep: OrderedDict[str, nn.Module] = OrderedDict()
     prev_name: str | None = None
-    for name in names:
-        module = model._modules[name]
+    for name, module in model._modules.items():
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             prev = keep.get(prev_name) if prev_name is not None else None
             if not isinstance(prev, (nn.Linear, nn.Conv2d)):
                 raise KfacboundError(
-                    f"cannot fold BatchNorm {name!r}: it does not follow a Linear/Conv2d layer"
+                    f"cannot fold BatchNorm {_join(path, name)!r}: it does not follow a "
+                    "Linear/Conv2d layer"
                 )
             keep[prev_name] = _fold_pair(prev, module)
             continue

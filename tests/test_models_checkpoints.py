@@ -62,7 +62,7 @@ def test_glorot_init_std():
 
 def test_unknown_arch_and_bad_options():
     with pytest.raises(KfacboundError, match="unknown architecture"):
-        resolve_spec("resnet", [784], 10)
+        resolve_spec("vgg", [784], 10)
     with pytest.raises(KfacboundError, match="activation"):
         resolve_spec("fc", [784], 10, activation="gelu")
     with pytest.raises(KfacboundError, match="image"):

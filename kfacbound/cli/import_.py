@@ -12,11 +12,24 @@ from ..models import resolve_spec
 from .common import dataset_options, pop_dataset_options
 
 
+def parse_arch(arch: str) -> str | dict:
+    """``--arch``: a name, or a JSON spec when it starts with ``{``."""
+    if arch.strip().startswith("{"):
+        try:
+            spec = json.loads(arch)
+        except json.JSONDecodeError as exc:
+            raise KfacboundError(f"--arch is not valid JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise KfacboundError("--arch JSON must be an object with an 'arch' key")
+        return spec
+    return arch
+
+
 @click.command("import")
 @click.argument("state_dict", type=click.Path())
 @click.option("--arch", required=True,
-              help="Architecture spec: a name/alias (T-600) or a JSON spec "
-              "('{\"arch\": \"fc\", \"widths\": [100]}').")
+              help="Architecture spec: a name (T-600, resnet20, resnet18, wrn-10-2, ...) or a JSON "
+              "spec ('{\"arch\": \"fc\", \"widths\": [100]}').")
 @click.option("--input-shape", default=None,
               help="Input shape, e.g. 1,28,28 or 784 (default: from --dataset).")
 @click.option("--num-outputs", type=int, default=None,
@@ -29,22 +42,20 @@ from .common import dataset_options, pop_dataset_options
 def command(state_dict, arch, input_shape, num_outputs, init_path, loss, out, **kwargs) -> None:
     """Wrap STATE_DICT (.pt/.pth via torch.load(weights_only=True), or .safetensors).
 
-    A pickle that carries code is refused and never run.
+    A pickle that carries code is refused and never run. torchvision-style ResNet
+    state_dicts (conv1.weight, layer1.0.bn1.running_mean, ..., fc.bias) load into the zoo's
+    resnet unchanged (a DataParallel 'module.' prefix is stripped); every key and shape is
+    checked.
 
     \b
     Example:
       kfacbound import weights.pt --arch T-600 --dataset mnist5k --binary -o imported.kfb
+      kfacbound import tv_resnet18.pt --arch resnet18 --dataset cifar10 -o r18.kfb
     """
     from .common import dataset_from_options
 
     data_opts = pop_dataset_options(kwargs)
-    if arch.strip().startswith("{"):
-        try:
-            arch_spec = json.loads(arch)
-        except json.JSONDecodeError as exc:
-            raise KfacboundError(f"--arch is not valid JSON: {exc}") from None
-    else:
-        arch_spec = arch
+    arch_spec = parse_arch(arch)
     dataset_spec = None
     if data_opts.get("dataset"):
         data = dataset_from_options(data_opts, "train")

@@ -26,16 +26,20 @@ def _widths(value: str | None) -> list[int] | None:
 
 @click.command("train")
 @click.option("--arch", required=True,
-              help="fc, lenet5, cnn, or an alias: T-600, T-1200, T-300-300, T-600-600.")
+              help="fc, lenet5, cnn, resnet, wrn, a name (T-600, T-1200, T-300-300, T-600-600, "
+              "resnet8, resnet20, resnet18, wrn-10-2, resnet8-nobn, ...) or a JSON spec "
+              "('{\"arch\": \"resnet\", \"blocks\": [1, 1], \"channels\": [8, 16]}').")
 @dataset_options(required=True)
 @click.option("--widths", default=None, help="Hidden widths for fc/cnn heads, e.g. 600 or 300,300.")
-@click.option("--channels", default=None, help="cnn: conv channels, e.g. 16,32.")
+@click.option("--channels", default=None,
+              help="cnn: conv channels, e.g. 16,32; resnet: width of each stage, e.g. 16,32,64.")
 @click.option("--kernel", type=int, default=None, help="cnn: conv kernel size (default 3).")
 @click.option("--pool", type=click.Choice(POOLS), default=None,
               help="lenet5/cnn: pooling after each conv (default max).")
 @click.option("--activation", type=click.Choice(ACTIVATIONS), default=None)
 @click.option("--bias/--no-bias", default=None, help="Biases in Linear/Conv layers.")
-@click.option("--bn/--no-bn", default=None, help="BatchNorm after each hidden layer.")
+@click.option("--bn/--no-bn", default=None,
+              help="BatchNorm after each hidden layer (resnet/wrn: on by default).")
 @click.option("--init", type=click.Choice(INITS), default=None,
               help="default (PyTorch), glorot, dr (Dziugaite & Roy).")
 @click.option("--epochs", type=int, default=20, show_default=True)
@@ -62,7 +66,11 @@ def command(data_opts, arch, widths, channels, kernel, pool, activation, bias, b
     Example:
       kfacbound train --arch T-600 --dataset mnist5k --binary --epochs 20 --seed 0 -o t600.kfb
       kfacbound train --arch lenet5 --dataset fashion-mnist --bn --epochs 5 -o lenet_bn.kfb
+      kfacbound train --arch resnet8 --dataset fashion-mnist --subset 5000 --epochs 5 -o r8.kfb
     """
+    from .import_ import parse_arch
+
+    arch = parse_arch(arch)
     train = dataset_from_options(data_opts, "train")
     test = dataset_from_options(data_opts, "test")
     config = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, batch_size=batch_size,
