@@ -14,9 +14,23 @@ Objective (Dziugaite & Roy 2017, §4, with a choice of complexity form):
   ``formula='dr'``: B = (KL + 2 ln j + ln(π²/6) + ln(n/δ)) / (n − 1) (their B_RE).
   √(B/2) is the Pinsker (McAllester) relaxation of kl⁻¹(L̂, B) − L̂, as in their paper.
 
-``objective='kl'`` instead minimises kl⁻¹(L̃, B) with L̃ the mean of min(1, surrogate) (a
-[0, 1]-valued upper bound of the 0-1 loss) and implicit-function gradients (:class:`KLInverse`),
-the "f-classic" objective of Pérez-Ortiz et al. (2021): the certified form itself.
+Objectives (``objective=``), with L̃ the batch mean of the surrogate and B as above (Maurer form:
+B = (KL + grid penalty + ln(2√n/δ))/n):
+
+- ``'pinsker'`` (default): L̃ + √(B/2). With ``formula='maurer'`` this is PBB's **f_classic**
+  (Pérez-Ortiz et al. 2021, eq. 8: L̂ + √((KL + ln(2√n/δ))/(2n))) plus the λ-grid penalty.
+- ``'quad'``: PBB's **f_quad** (their eq. 9), (√(L̃ + B/2) + √(B/2))².
+- ``'lambda'``: **f_λ** (Thiemann et al. 2017; PBB eq. 10), L̃/(1 − λ/2) + B/(λ(1 − λ/2)) with
+  λ ∈ (0, 2) set every step to its minimiser λ* = 2/(√(2L̃/B + 1) + 1) at the current (detached)
+  L̃, B — the alternating minimisation of Thiemann et al.; not to be confused with the prior
+  variance λ of P.
+- ``'kl'``: kl⁻¹(L̃, B) itself, with implicit-function gradients (:class:`KLInverse`).
+
+The quad, λ and kl forms need L̃ ∈ [0, 1]: the bits surrogate is clipped at 1 (still ≥ the 0-1
+loss). ``surrogate='bounded-ce'`` instead uses PBB's bounded cross-entropy
+ℓ = −ln max(p_y, p_min) / ln(1/p_min) ∈ [0, 1] (:func:`bounded_cross_entropy`), which is not an
+upper bound of the 0-1 loss; the certificate always bounds the 0-1 error (and reports the
+bounded-CE certificate beside it).
 
 Optimiser: RMSprop, lr 1e-3 (their default), batch 100. λ is trained through log λ and rounded
 to the grid by the certificate, not here. ``lr_decay=(f, γ)`` multiplies every learning rate by γ
@@ -39,7 +53,10 @@ from .pacbayes import complexity, kl_inv
 from .posteriors import GaussianPosterior, IsotropicPrior, KronLayer
 
 LN2 = math.log(2.0)
-OBJECTIVES = ("pinsker", "kl")
+OBJECTIVES = ("pinsker", "quad", "lambda", "kl")
+SURROGATES = ("bits", "bounded-ce")
+#: PBB's probability floor of the bounded cross-entropy.
+P_MIN = 1e-5
 
 
 def surrogate_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
@@ -50,6 +67,43 @@ def surrogate_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean
             logits.reshape(-1), y.reshape(-1).to(logits.dtype), reduction=reduction
         ) / LN2
     return F.cross_entropy(logits, y.long(), reduction=reduction) / LN2
+
+
+def bounded_cross_entropy(logits: torch.Tensor, y: torch.Tensor, p_min: float = P_MIN,
+                          reduction: str = "mean") -> torch.Tensor:
+    """PBB's bounded cross-entropy −ln max(p_y, p_min) / ln(1/p_min) ∈ [0, 1].
+
+    One logit: p_1 = σ(f), p_0 = 1 − σ(f); C logits: p = softmax(f). The log-probability is
+    clamped at ln p_min before scaling, so the loss lies in [0, 1] (Pérez-Ortiz et al. 2021, §5).
+    """
+    if logits.ndim == 1 or logits.shape[-1] == 1:
+        f = logits.reshape(-1)
+        sign = 2.0 * y.reshape(-1).to(f.dtype) - 1.0
+        logp = F.logsigmoid(sign * f)
+    else:
+        logp = F.log_softmax(logits, dim=-1).gather(-1, y.long().reshape(-1, 1)).reshape(-1)
+    loss = -logp.clamp(min=math.log(p_min)) / math.log(1.0 / p_min)
+    return loss.mean() if reduction == "mean" else loss
+
+
+def training_objective(sur: torch.Tensor, B: torch.Tensor, objective: str) -> torch.Tensor:
+    """The objective's value from L̃ (``sur``, in [0, 1] except for 'pinsker') and B.
+
+    See the module docstring: pinsker/f_classic L̃ + √(B/2); f_quad (√(L̃ + B/2) + √(B/2))²;
+    f_λ L̃/(1 − λ*/2) + B/(λ*(1 − λ*/2)) at λ* = 2/(√(2L̃/B + 1) + 1); kl kl⁻¹(L̃, B).
+    """
+    if objective == "pinsker":
+        return sur + torch.sqrt(B / 2)
+    if objective == "quad":
+        half = B / 2
+        return (torch.sqrt(sur + half) + torch.sqrt(half)) ** 2
+    if objective == "lambda":
+        with torch.no_grad():
+            lam = 2.0 / (torch.sqrt(2.0 * sur.clamp(min=0.0) / B + 1.0) + 1.0)
+        return sur / (1.0 - lam / 2.0) + B / (lam * (1.0 - lam / 2.0))
+    if objective == "kl":
+        return KLInverse.apply(sur.double(), B.double())
+    raise KfacboundError(f"unknown objective {objective!r}; choose from {OBJECTIVES}")
 
 
 class KLInverse(torch.autograd.Function):
@@ -117,6 +171,7 @@ def optimize_posterior(
     delta: float = 0.025,
     formula: str = "maurer",
     objective: str = "pinsker",
+    surrogate: str = "bits",
     train_mean: bool = True,
     train_prior: bool = True,
     basis_every: int | None = None,
@@ -140,6 +195,8 @@ def optimize_posterior(
     """
     if objective not in OBJECTIVES:
         raise KfacboundError(f"unknown objective {objective!r}; choose from {OBJECTIVES}")
+    if surrogate not in SURROGATES:
+        raise KfacboundError(f"unknown surrogate {surrogate!r}; choose from {SURROGATES}")
     n = len(X) if n is None else int(n)
     gen = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
@@ -175,12 +232,13 @@ def optimize_posterior(
         logits = posterior(xb, sample=True, per_example=False)
         kl = posterior.kl(prior)
         B = objective_complexity(kl, prior, n, delta, formula)
-        if objective == "pinsker":
+        if surrogate == "bounded-ce":
+            sur = bounded_cross_entropy(logits, yb)
+        elif objective == "pinsker":
             sur = surrogate_loss(logits, yb)
-            loss = sur + torch.sqrt(B / 2)
-        else:  # kl⁻¹ of the per-example surrogate clipped to [0, 1] (still ≥ the 0-1 loss)
+        else:  # the [0, 1] forms: the bits surrogate clipped at 1 (still ≥ the 0-1 loss)
             sur = surrogate_loss(logits, yb, reduction="none").clamp(max=1.0).mean()
-            loss = KLInverse.apply(sur.double(), B.double())
+        loss = training_objective(sur, B, objective)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -15,9 +15,10 @@ from ..bounds.certify import (
     DEFAULT_ITERATIONS,
     DEFAULT_LR,
     DEFAULT_LR_DECAY,
+    DEFAULT_MEAN_LR,
     certify_checkpoint,
 )
-from ..bounds.optimize import OBJECTIVES
+from ..bounds.optimize import OBJECTIVES, SURROGATES
 from ..bounds.pacbayes import FORMULAS, GRID_B, GRID_C
 from ..bounds.posteriors import POSTERIORS
 from ..bounds.select import certify_best
@@ -66,13 +67,18 @@ def _check_prob(name: str, v: float) -> None:
               help="RMSprop steps on the Dziugaite & Roy objective.")
 @click.option("--lr", type=float, default=DEFAULT_LR, show_default=True,
               help="RMSprop learning rate (stds, λ; and means unless --mean-lr).")
-@click.option("--mean-lr", type=float, default=None, help="Separate learning rate of the means.")
+@click.option("--mean-lr", type=float, default=DEFAULT_MEAN_LR, show_default=True,
+              help="Learning rate of the means (a negative value: the same as --lr).")
 @click.option("--lr-decay", type=(float, float), default=DEFAULT_LR_DECAY, show_default=True,
               metavar="FRAC FACTOR",
               help="Multiply all learning rates by FACTOR for the last FRAC of the steps; "
                    "'0 1' keeps them constant (Dziugaite & Roy).")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="pinsker", show_default=True,
-              help="pinsker: surrogate + √(B/2) (Dziugaite & Roy); kl: kl⁻¹(surrogate, B).")
+              help="pinsker: surrogate + √(B/2) (Dziugaite & Roy; PBB's f_classic); quad: "
+                   "PBB's f_quad; lambda: f_λ (Thiemann et al.); kl: kl⁻¹(surrogate, B).")
+@click.option("--surrogate", type=click.Choice(SURROGATES), default="bits", show_default=True,
+              help="bits: logistic/cross-entropy ÷ ln 2 (≥ the 0-1 loss); bounded-ce: PBB's "
+                   "cross-entropy with p ≥ p_min, scaled into [0, 1].")
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH, show_default=True)
 @click.option("--std-init", default="dr", show_default=True,
               help="'dr' (|w| in the posterior basis), 'curvature' (Laplace-like) or a number.")
@@ -123,7 +129,8 @@ def command(checkpoint: str, data_opts: dict[str, Any], **kw: Any) -> None:
         iterations=kw["iterations"], delta=kw["delta"], delta_prime=kw["delta_prime"],
         mc_passes=kw["mc_passes"], prior_split=kw["prior_split"], device=kw["device"],
         seed=kw["seed"], progress=kw["progress"], test_dataset=test, formula=kw["formula"],
-        lr=kw["lr"], mean_lr=kw["mean_lr"], lr_decay=kw["lr_decay"], objective=kw["objective"],
+        lr=kw["lr"], mean_lr=None if kw["mean_lr"] < 0 else kw["mean_lr"],
+        lr_decay=kw["lr_decay"], objective=kw["objective"], surrogate=kw["surrogate"],
         batch_size=kw["batch_size"], std_init=_std_init(kw["std_init"]),
         std_scale=kw["std_scale"], basis_every=kw["basis_every"], exact_k=kw["exact_k"],
         prior_epochs=kw["prior_epochs"], c=kw["grid_c"], b=kw["grid_b"],
@@ -154,6 +161,10 @@ def summary(cert: dict[str, Any]) -> str:
         f"{fmt(cert['test_error'])}; stochastic test error: {fmt(cert['test_error_stochastic'])}",
         "  other formulas: " + ", ".join(f"{k} {v:.4f}" for k, v in cert["bounds"].items()),
     ]
+    if cert.get("bounded_ce"):
+        ce = cert["bounded_ce"]
+        lines.append(f"  bounded cross-entropy (p_min {ce['p_min']:g}): ê_N = {ce['mc_mean']:.4f}, "
+                     f"certified {ce['bound']:.4f} (a separate statement)")
     sel = cert.get("selection")
     if sel:
         cands = ", ".join(f"{c['options']} {c['bound']:.4f}" for c in sel.get("candidates", []))
