@@ -473,12 +473,17 @@ def split_dataset(ds: KDataset, fraction: float, seed: int = 0) -> tuple[KDatase
     Used for data-dependent priors: the prior sees only the first part; a bound on the second
     part must use n = len(rest).
     """
+    first, rest = split_indices(len(ds), fraction, seed)
+    return (ds.subset(first, f"split {fraction} seed {seed} part 1"),
+            ds.subset(rest, f"split {fraction} seed {seed} part 2"))
+
+
+def split_indices(n: int, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted index sets (first part, rest) of :func:`split_dataset` for n examples."""
     if not 0.0 < fraction < 1.0:
         raise KfacboundError("split fraction must lie strictly between 0 and 1")
-    n = len(ds)
     k = int(round(fraction * n))
     if k < 1 or k >= n:
         raise KfacboundError(f"fraction {fraction} leaves an empty part of {n} examples")
     perm = torch.as_tensor(np.random.default_rng([seed, 11]).permutation(n))
-    return (ds.subset(perm[:k].sort().values, f"split {fraction} seed {seed} part 1"),
-            ds.subset(perm[k:].sort().values, f"split {fraction} seed {seed} part 2"))
+    return perm[:k].sort().values, perm[k:].sort().values

@@ -196,3 +196,54 @@ def test_recompute_checks_n_plus_prior_n(trained):
 def test_psd_helper_is_positive_definite():  # guards the helpers imported above
     g = torch.Generator().manual_seed(0)
     assert torch.linalg.eigvalsh(psd(5, g)).min() > 0
+
+
+# ----------------------------------------------------------------------------- learnt priors
+
+
+def test_pbb_scheme_starts_q_at_the_prior_mean_and_certifies_on_the_bound_split(trained):
+    X, y, init, model = trained
+    kw = dict(posterior="diag", iterations=0, mc_passes=1, init_model=init, prior_split=0.4,
+              prior_epochs=2, progress=False)
+    pbb = json.loads(json.dumps(cf.certify_checkpoint(model, TensorDataset(X, y), **kw)))
+    ckpt = cf.certify_checkpoint(model, TensorDataset(X, y), prior_scheme="checkpoint", **kw)
+    # μ = the prior mean before any step: ‖μ − w_p‖² is exactly 0; from the checkpoint it is not
+    assert pbb["kl_terms"]["sq_dist"] == 0.0
+    assert ckpt["kl_terms"]["sq_dist"] > 0.0
+    assert pbb["n"] == len(X) - round(0.4 * len(X)) == pbb["mc_samples"]
+    assert pbb["prior"]["prior_n"] == round(0.4 * len(X))
+    assert pbb["prior"]["prior_indices_sha256"] != pbb["prior"]["bound_indices_sha256"]
+    data = pbb["prior"]["data"]
+    assert "prior split only" in data["prior_mean"]
+    assert data["posterior_and_curvature"].startswith("all training data")
+    assert data["monte_carlo_and_n"] == f"bound split ({pbb['n']} examples)"
+    assert ckpt["prior"]["data"]["posterior_and_curvature"] == "bound split"
+    assert cf.recompute_certificate(pbb) == pytest.approx(pbb["bound"], abs=1e-12)
+
+
+def test_learnt_prior_certificate_after_training_recomputes(trained):
+    X, y, init, model = trained
+    cert = cf.certify_checkpoint(model, TensorDataset(X, y), posterior="diag", iterations=30,
+                                 mc_passes=2, init_model=init, prior_split=0.5, prior_epochs=3,
+                                 progress=False)
+    d = json.loads(json.dumps(cert))
+    assert d["bound"] == pytest.approx(independent_bound(d, 0.025, 0.01), abs=1e-9)
+    assert cf.recompute_certificate(d) == pytest.approx(d["bound"], abs=1e-12)
+
+
+def test_a_prior_that_saw_the_bound_split_is_refused(trained, monkeypatch):
+    import kfacbound.data as data_mod
+
+    X, y, init, model = trained
+    real = data_mod.split_indices
+
+    def leaky(n, fraction, seed=0):
+        first, rest = real(n, fraction, seed)
+        return torch.cat([first, rest[:5]]), rest  # 5 bound examples also train the prior
+
+    monkeypatch.setattr(data_mod, "split_indices", leaky)
+    with pytest.raises(KfacboundError, match="share 5 examples"):
+        cf.certify_checkpoint(model, TensorDataset(X, y), posterior="diag", iterations=1,
+                              mc_passes=1, init_model=init, prior_split=0.5, progress=False)
+    with pytest.raises(KfacboundError, match="partition"):
+        cf.check_disjoint(torch.arange(3), torch.arange(4, 10), 10)

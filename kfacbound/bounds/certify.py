@@ -9,9 +9,11 @@ Pipeline of :func:`certify_checkpoint` (SCIENCE.md §5):
    network. With a data-free prior, w0 must not have seen the data, so the *initial* BN
    statistics are folded into w0, never the trained ones.
 2. Data-dependent prior (``prior_split=f``): a seeded fraction f of the training set trains the
-   prior mean by a short SGD run from w0; the bound is certified on the rest, n = |rest|.
-3. Posterior Q (diag / kfac / exact) with mean at the trained weights; the λ of the prior
-   N(w0, λI) is learned; :func:`optimize_posterior` minimises the Dziugaite–Roy objective.
+   prior mean by SGD from w0 (``prior_epochs``); the bound is certified on the rest, n = |rest|;
+   the two index sets are checked to partition the training set (:func:`check_disjoint`).
+3. Posterior Q (diag / kfac / exact) with mean at the trained weights — or, with a learnt prior
+   and ``prior_scheme='pbb'``, at the prior mean, optimised on the whole training set; the λ of
+   the prior N(w0, λI) is learned; :func:`optimize_posterior` minimises the chosen objective.
 4. λ is rounded to the grid λ_j = c·exp(−j/b): the neighbouring integers j ≥ 1 of the learned
    value are tried and the one with the smaller KL + 2 ln j wins (the union bound covers every j,
    so the choice may look at the data). The KL is computed in float64 *after* the last optimiser
@@ -379,6 +381,32 @@ def exact_eigenbases(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss: s
 
 # ----------------------------------------------------------------------------- priors
 
+#: Epochs of SGD for a data-dependent prior mean (see benchmarks/RESULTS.md / results/bounds).
+DEFAULT_PRIOR_EPOCHS = 10
+PRIOR_SCHEMES = ("pbb", "checkpoint")
+
+
+def check_disjoint(prior_idx: torch.Tensor, bound_idx: torch.Tensor, n_total: int) -> None:
+    """Refuse a data-dependent prior that saw the bound set: the index sets must be disjoint
+    and together cover the n_total training examples exactly once."""
+    seen = torch.zeros(n_total, dtype=torch.int64)
+    seen.index_add_(0, prior_idx.long(), torch.ones(len(prior_idx), dtype=torch.int64))
+    overlap = int(((seen > 0) & torch.isin(torch.arange(n_total), bound_idx.long())).sum())
+    if overlap:
+        raise KfacboundError(
+            f"the prior split and the bound split share {overlap} examples: a prior that saw "
+            "the bound set gives no valid bound")
+    seen.index_add_(0, bound_idx.long(), torch.ones(len(bound_idx), dtype=torch.int64))
+    if not bool((seen == 1).all()):
+        raise KfacboundError("the prior and bound splits do not partition the training set")
+
+
+def _index_hash(idx: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(idx.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
 
 def train_prior_mean(init_model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss: str,
                      epochs: int = 1, lr: float = 0.01, momentum: float = 0.9,
@@ -440,7 +468,8 @@ def certify_checkpoint(
     std_scale: float = 1.0,
     basis_every: int | None = None,
     exact_k: int | None = None,
-    prior_epochs: int = 1,
+    prior_epochs: int = DEFAULT_PRIOR_EPOCHS,
+    prior_scheme: str = "pbb",
     c: float = GRID_C,
     b: float = GRID_B,
     mc_batch_size: int = 8192,
@@ -457,6 +486,13 @@ def certify_checkpoint(
     ``lr_decay=(f, γ)``: learning rates × γ for the last fraction f of the steps (None or f = 0:
     constant rates, D&R's original schedule).
     ``selection``: this run is one candidate of a selection (see :func:`.select.certify_best`).
+    ``prior_split=f``: data-dependent prior. The prior mean trains by SGD from w0 on a seeded
+    fraction f of the training set for ``prior_epochs`` epochs; the bound is certified on the
+    rest (n = its size). ``prior_scheme='pbb'`` (Pérez-Ortiz et al. 2021): the posterior mean
+    starts at the prior mean and Q is optimised (and its curvature computed) on the whole
+    training set — valid, since Q may depend on all of S, only P must not see the bound split;
+    ``'checkpoint'``: Q starts at the trained checkpoint and sees only the bound split. The
+    certificate's ``prior.data`` says which data each quantity saw.
     """
     t0 = time.perf_counter()
     ckpt_info: dict[str, Any] = {}
@@ -497,27 +533,47 @@ def certify_checkpoint(
         prior_info["center"] = "zero"
     else:
         prior_info["center"] = "init"
+    X_post, y_post = X, y  # the data Q is optimised on (and its curvature computed from)
+    trained_model = model
     if prior_split is not None:
         if init_model is None:
             raise KfacboundError("--prior-split needs the initial weights w0 in the checkpoint")
-        from ..data import split_dataset
+        if prior_scheme not in PRIOR_SCHEMES:
+            raise KfacboundError(f"unknown prior scheme {prior_scheme!r}; "
+                                 f"choose from {PRIOR_SCHEMES}")
+        from ..data import split_indices
 
-        if hasattr(train_ds, "subset"):
-            prior_ds, bound_ds = split_dataset(train_ds, prior_split, seed)
-            Xp, yp = _tensors(prior_ds)
-            X, y = _tensors(bound_ds)
-        else:
-            gen = torch.Generator().manual_seed(int(seed) + 11)
-            perm = torch.randperm(len(X), generator=gen)
-            k = int(round(prior_split * len(X)))
-            if not 0 < k < len(X):
-                raise KfacboundError(f"prior split {prior_split} leaves an empty part")
-            Xp, yp = X[perm[:k]], y[perm[:k]]
-            X, y = X[perm[k:]], y[perm[k:]]
+        idx_p, idx_b = split_indices(len(X), prior_split, seed)
+        check_disjoint(idx_p, idx_b, len(X))
+        Xp, yp = X[idx_p], y[idx_p]
+        X_all, y_all = X, y
+        X, y = X[idx_b], y[idx_b]
         init_model = train_prior_mean(init_model, Xp, yp, loss, epochs=prior_epochs, seed=seed,
                                       device=device, progress=progress).cpu()
-        prior_info.update(center="data-dependent", prior_n=len(Xp), prior_epochs=prior_epochs)
+        if prior_scheme == "pbb":
+            model = copy.deepcopy(init_model).eval()
+            X_post, y_post = X_all, y_all
+        else:
+            X_post, y_post = X, y
+        prior_info.update(
+            center="data-dependent", prior_n=len(Xp), prior_epochs=prior_epochs,
+            scheme=prior_scheme, prior_indices_sha256=_index_hash(idx_p),
+            bound_indices_sha256=_index_hash(idx_b),
+        )
     n = len(X)
+    post_data = ("all training data (prior split + bound split)" if X_post is not X
+                 else "bound split")
+    prior_info["data"] = {
+        "prior_mean": (f"prior split only ({prior_info['prior_n']} examples, "
+                       f"{prior_epochs} epochs SGD from w0)" if prior_split is not None
+                       else "none (data-free: initial weights w0)" if init_model is not None
+                       else "none (zero)"),
+        "prior_variance": "grid λ_j = c·exp(−j/b), union bound over j (may use any data)",
+        "posterior_mean_init": ("prior mean" if prior_split is not None and prior_scheme == "pbb"
+                                else "trained checkpoint"),
+        "posterior_and_curvature": post_data,
+        "monte_carlo_and_n": f"bound split ({n} examples)",
+    }
 
     factors = None
     eigenbases = None
@@ -528,14 +584,16 @@ def certify_checkpoint(
         if curvature not in CURVATURES:
             raise KfacboundError(f"unknown curvature {curvature!r}; choose from {CURVATURES}")
         tc = time.perf_counter()
-        factors = kfac_factors(model, X, y, loss, curvature, progress=progress, device=device)
+        factors = kfac_factors(model, X_post, y_post, loss, curvature, progress=progress,
+                               device=device)
         curv_time = time.perf_counter() - tc
 
         def factors_fn(m: nn.Module):
-            return kfac_factors(m, X, y, loss, curvature, progress=False, device=device)
+            return kfac_factors(m, X_post, y_post, loss, curvature, progress=False,
+                                device=device)
     if posterior == "exact":
         tc = time.perf_counter()
-        eigenbases = exact_eigenbases(model, X, y, loss, exact_k, progress=progress,
+        eigenbases = exact_eigenbases(model, X_post, y_post, loss, exact_k, progress=progress,
                                       device=device)
         curv_time = time.perf_counter() - tc
 
@@ -550,7 +608,7 @@ def certify_checkpoint(
     with torch.no_grad():
         kl_start = float(Q.kl(P, dtype=torch.float64))
 
-    Xd, yd = X.to(device), y.to(device)
+    Xd, yd = X_post.to(device), y_post.to(device)
     to = time.perf_counter()
     log = optimize_posterior(Q, P, Xd, yd, n=n, iterations=iterations, batch_size=batch_size,
                              lr=lr, mean_lr=mean_lr, lr_decay=lr_decay, delta=delta,
@@ -570,11 +628,11 @@ def certify_checkpoint(
     mc_time = time.perf_counter() - tm
     Q.cpu()
     mean_model = Q.mean_model()
-    cert["train_error"] = deterministic_error(model, X, y)
+    cert["train_error"] = deterministic_error(trained_model, X, y)
     cert["train_error_posterior_mean"] = deterministic_error(mean_model, X, y)
     if test_ds is not None:
         Xt, yt = _tensors(test_ds)
-        cert["test_error"] = deterministic_error(model, Xt, yt)
+        cert["test_error"] = deterministic_error(trained_model, Xt, yt)
         w, Nt = mc_errors(Q, Xt, yt, 1, mc_batch_size, seed + 2, device, False)
         cert["test_error_stochastic"] = w / Nt
         cert["test_n"] = len(Xt)

@@ -16,6 +16,8 @@ from ..bounds.certify import (
     DEFAULT_LR,
     DEFAULT_LR_DECAY,
     DEFAULT_MEAN_LR,
+    DEFAULT_PRIOR_EPOCHS,
+    PRIOR_SCHEMES,
     certify_checkpoint,
 )
 from ..bounds.optimize import OBJECTIVES, SURROGATES
@@ -97,7 +99,12 @@ def _check_prob(name: str, v: float) -> None:
 @click.option("--prior-split", type=float, default=None,
               help="Train the prior mean on this fraction of the training data; certify on the "
               "rest.")
-@click.option("--prior-epochs", type=int, default=1, show_default=True)
+@click.option("--prior-epochs", type=int, default=DEFAULT_PRIOR_EPOCHS, show_default=True,
+              help="SGD epochs of the prior mean on the prior split.")
+@click.option("--prior-scheme", type=click.Choice(PRIOR_SCHEMES), default="pbb",
+              show_default=True,
+              help="pbb: Q starts at the prior mean and trains on all data (Pérez-Ortiz et al.); "
+                   "checkpoint: Q starts at the checkpoint and trains on the bound split.")
 @click.option("--grid-c", type=float, default=GRID_C, show_default=True)
 @click.option("--grid-b", type=float, default=GRID_B, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -133,7 +140,8 @@ def command(checkpoint: str, data_opts: dict[str, Any], **kw: Any) -> None:
         lr_decay=kw["lr_decay"], objective=kw["objective"], surrogate=kw["surrogate"],
         batch_size=kw["batch_size"], std_init=_std_init(kw["std_init"]),
         std_scale=kw["std_scale"], basis_every=kw["basis_every"], exact_k=kw["exact_k"],
-        prior_epochs=kw["prior_epochs"], c=kw["grid_c"], b=kw["grid_b"],
+        prior_epochs=kw["prior_epochs"], prior_scheme=kw["prior_scheme"], c=kw["grid_c"],
+        b=kw["grid_b"],
     )
     if len(posteriors) == 1:
         cert = certify_checkpoint(ckpt, train, posterior=posteriors[0], **common)
