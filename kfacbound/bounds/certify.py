@@ -44,6 +44,14 @@ from ..errors import KfacboundError
 from ..losses import default_loss, make_loss, prepare_targets, zero_one_errors
 from ..models import count_parameters, fold_batchnorm, has_batchnorm
 from ..progress import progress_bar
+from .kron_prior import (
+    TAU_GRID,
+    KronPrior,
+    kl_from_terms,
+    posterior_kl,
+    round_kron_prior,
+    tau_penalty,
+)
 from .optimize import P_MIN, bounded_cross_entropy, optimize_posterior
 from .pacbayes import (
     FORMULAS,
@@ -202,8 +210,12 @@ def certify_posterior(
     n = len(X)
     d_each, dp_each = (delta, delta_prime) if selection is None else selection.budgets(
         delta, delta_prime)
-    j, lam, kl, kl_terms = round_lambda(posterior, prior)
-    penalty = grid_penalty(j)
+    if isinstance(prior, KronPrior):
+        j, lam, tau, kl, kl_terms = round_kron_prior(posterior, prior)
+        penalty = grid_penalty(j) + tau_penalty()
+    else:
+        j, lam, kl, kl_terms = round_lambda(posterior, prior)
+        tau, penalty = None, grid_penalty(j)
     wrong, N, ce_sum = mc_draws(posterior, X, y, mc_passes, batch_size, seed, device, progress)
     mc_error = wrong / N
     mc_ub = mc_error_bound(mc_error, N, dp_each)
@@ -226,6 +238,8 @@ def certify_posterior(
         "bound": bound,
         "formula": formula,
         "grid": {"c": prior.c, "b": prior.b},
+        "tau": tau,
+        "tau_grid": list(TAU_GRID) if tau is not None else None,
         "grid_penalty": penalty,
         "complexity": B,
         "confidence": 1.0 - delta - delta_prime,
@@ -275,14 +289,22 @@ def recompute_certificate(d: Mapping[str, Any]) -> float:
     if "confidence" in d and not math.isclose(
             float(d["confidence"]), 1.0 - delta - delta_prime, rel_tol=1e-12):
         raise KfacboundError("certificate confidence is not 1 − δ − δ′")
+    penalty = grid_penalty(j)
+    kron = isinstance(d.get("kl_terms"), Mapping) and d["kl_terms"].get("prior") == "kron"
+    if kron:  # curvature prior: λ and τ enter through π; its terms give the KL directly
+        tau = float(d["tau"])
+        if tau not in TAU_GRID or [float(t) for t in d.get("tau_grid", TAU_GRID)] != list(
+                TAU_GRID) or float(d["kl_terms"]["tau"]) != tau:
+            raise KfacboundError(f"certificate τ = {tau} is not a point of the τ grid")
+        penalty += tau_penalty()
     if "kl_terms" in d:
         t = d["kl_terms"]
         k = _integer(t["k"], "kl_terms.k")
         if "num_params" in d and k != _integer(d["num_params"], "num_params"):
             raise KfacboundError(
                 f"certificate KL is over k = {k} parameters, but Q has {d['num_params']}")
-        kl = float(kl_isotropic_terms(t["sq_dist"], t["trace_sigma"], t["logdet_sigma"], k,
-                                      lam))
+        kl = float(kl_from_terms(t)) if kron else float(kl_isotropic_terms(
+            t["sq_dist"], t["trace_sigma"], t["logdet_sigma"], k, lam))
         if not math.isclose(kl, float(d["kl"]), rel_tol=1e-9, abs_tol=1e-6):
             raise KfacboundError(f"certificate KL {d['kl']} differs from its terms ({kl})")
     spec = d.get("dataset")
@@ -303,7 +325,7 @@ def recompute_certificate(d: Mapping[str, Any]) -> float:
             if key in sel and not math.isclose(float(sel[key]), val, rel_tol=1e-12):
                 raise KfacboundError(f"certificate selection.{key} = {sel[key]} is not {val}")
     mc_ub = mc_error_bound(float(d["mc_error"]), N, dp_each)
-    B = complexity(float(d["kl"]), n, d_each, d.get("formula", "maurer"), grid_penalty(j))
+    B = complexity(float(d["kl"]), n, d_each, d.get("formula", "maurer"), penalty)
     return kl_inv(mc_ub, B)
 
 
@@ -384,6 +406,25 @@ def exact_eigenbases(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss: s
 #: Epochs of SGD for a data-dependent prior mean (see benchmarks/RESULTS.md / results/bounds).
 DEFAULT_PRIOR_EPOCHS = 10
 PRIOR_SCHEMES = ("pbb", "checkpoint")
+PRIOR_KINDS = ("isotropic", "curvature")
+
+
+@torch.no_grad()
+def curvature_prior(Q: GaussianPosterior, iso: IsotropicPrior, n_prior: int,
+                    tau: float = 1.0) -> KronPrior:
+    """The curvature prior in Q's (K-FAC) bases, centred where ``iso`` is, and Q's stds set to
+    the prior's, s² = 1/π (then KL(Q‖P) = ½ Σ π R², zero when Q's mean is the prior mean)."""
+    means, bases = {}, {}
+    for path, layer in Q.layers():
+        if not hasattr(layer, "U_G"):
+            raise KfacboundError("the curvature prior needs the kfac posterior")
+        means[path] = iso.center(path)
+        bases[path] = (layer.U_G, layer.U_A, layer.eig_G, layer.eig_A)
+    P = KronPrior(means, bases, n_prior=n_prior, lam=float(iso.lam), tau=tau, c=iso.c, b=iso.b)
+    for i, (_path, layer) in enumerate(Q.layers()):
+        pi = 1.0 / float(P.lam) + float(P.tau) * getattr(P, f"h_{i}")
+        layer.log_std.copy_((-0.5 * torch.log(pi)).to(layer.log_std.dtype))
+    return P
 
 
 def check_disjoint(prior_idx: torch.Tensor, bound_idx: torch.Tensor, n_total: int) -> None:
@@ -470,6 +511,7 @@ def certify_checkpoint(
     exact_k: int | None = None,
     prior_epochs: int = DEFAULT_PRIOR_EPOCHS,
     prior_scheme: str = "pbb",
+    prior_kind: str = "isotropic",
     c: float = GRID_C,
     b: float = GRID_B,
     mc_batch_size: int = 8192,
@@ -493,6 +535,10 @@ def certify_checkpoint(
     training set — valid, since Q may depend on all of S, only P must not see the bound split;
     ``'checkpoint'``: Q starts at the trained checkpoint and sees only the bound split. The
     certificate's ``prior.data`` says which data each quantity saw.
+    ``prior_kind='curvature'`` (with a prior split and the kfac posterior): the prior is
+    :class:`.kron_prior.KronPrior`, N(w_p, (λ⁻¹I + τ n_p G_p ⊗ A_p)⁻¹) per layer with the K-FAC
+    factors of the prior split at w_p; Q lives in the eigenbasis of those factors and starts at
+    Q = P (its stds are the prior's); λ and τ are learned and rounded to their grids.
     """
     t0 = time.perf_counter()
     ckpt_info: dict[str, Any] = {}
@@ -535,6 +581,13 @@ def certify_checkpoint(
         prior_info["center"] = "init"
     X_post, y_post = X, y  # the data Q is optimised on (and its curvature computed from)
     trained_model = model
+    if prior_kind not in PRIOR_KINDS:
+        raise KfacboundError(f"unknown prior kind {prior_kind!r}; choose from {PRIOR_KINDS}")
+    if prior_kind == "curvature" and (prior_split is None or posterior != "kfac"
+                                      or basis_every):
+        raise KfacboundError(
+            "the curvature prior needs --prior-split (its factors come from the prior split) "
+            "and the kfac posterior in the prior's fixed eigenbasis (no --basis-every)")
     if prior_split is not None:
         if init_model is None:
             raise KfacboundError("--prior-split needs the initial weights w0 in the checkpoint")
@@ -580,9 +633,9 @@ def certify_checkpoint(
     factors_fn = None
     curv_time = 0.0
     needs_factors = posterior == "kfac" or (posterior == "diag" and std_init == "curvature")
-    if needs_factors:
-        if curvature not in CURVATURES:
-            raise KfacboundError(f"unknown curvature {curvature!r}; choose from {CURVATURES}")
+    if needs_factors and curvature not in CURVATURES:
+        raise KfacboundError(f"unknown curvature {curvature!r}; choose from {CURVATURES}")
+    if needs_factors and prior_kind != "curvature":  # (the curvature prior brings its own)
         tc = time.perf_counter()
         factors = kfac_factors(model, X_post, y_post, loss, curvature, progress=progress,
                                device=device)
@@ -597,6 +650,12 @@ def certify_checkpoint(
                                       device=device)
         curv_time = time.perf_counter() - tc
 
+    if prior_kind == "curvature":
+        # P's covariance and Q's bases: K-FAC factors of the prior split at the prior mean only
+        tc = time.perf_counter()
+        factors = kfac_factors(init_model, Xp, yp, loss, curvature, progress=progress,
+                               device=device)
+        curv_time += time.perf_counter() - tc
     torch.manual_seed(int(seed))
     Q = build_posterior(model, posterior, factors=factors, eigenbases=eigenbases,
                         std_init=std_init, std_scale=std_scale, n=n, prior_var=c)
@@ -605,8 +664,12 @@ def certify_checkpoint(
         P = build_prior(Q, init_model, c=c, b=b)
     for w in caught:
         warnings.warn(str(w.message), stacklevel=2)
+    if prior_kind == "curvature":
+        P = curvature_prior(Q, P, n_prior=len(Xp), tau=1.0)
+        prior_info.update(kind="curvature", tau_grid=list(TAU_GRID),
+                          factors=f"{curvature} on the prior split at the prior mean")
     with torch.no_grad():
-        kl_start = float(Q.kl(P, dtype=torch.float64))
+        kl_start = float(posterior_kl(Q, P, dtype=torch.float64))
 
     Xd, yd = X_post.to(device), y_post.to(device)
     to = time.perf_counter()

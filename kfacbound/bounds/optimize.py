@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from ..errors import KfacboundError
 from ..progress import progress_bar
+from .kron_prior import posterior_kl, prior_penalty
 from .pacbayes import complexity, kl_inv
 from .posteriors import GaussianPosterior, IsotropicPrior, KronLayer
 
@@ -140,6 +141,7 @@ def objective_complexity(kl: torch.Tensor, prior: IsotropicPrior, n: int, delta:
     j = prior.b * (math.log(prior.c) - prior.log_lam)
     j = torch.clamp(j, min=1.0)
     penalty = 2 * torch.log(j) + math.log(math.pi**2 / 6)
+    penalty = penalty + prior_penalty(prior)  # τ grid of a curvature prior (constant)
     const = complexity(0.0, n, delta, formula)  # (ln-term)/n or /(n−1), KL = 0
     denom = n if formula == "maurer" else n - 1
     return (kl + penalty) / denom + const
@@ -205,7 +207,7 @@ def optimize_posterior(
     means = [p for name, p in posterior.named_parameters() if name.endswith(".mean")]
     others = [p for name, p in posterior.named_parameters() if not name.endswith(".mean")]
     if train_prior:
-        others.append(prior.log_lam)
+        others.extend(p for p in prior.parameters() if p.requires_grad)  # log λ (and log τ)
     groups = [{"params": others, "lr": lr}]
     if train_mean:
         groups.append({"params": means, "lr": lr if mean_lr is None else mean_lr})
@@ -230,7 +232,7 @@ def optimize_posterior(
         idx = torch.randint(0, len(X), (batch_size,), generator=gen)
         xb, yb = X[idx].to(device), y[idx].to(device)
         logits = posterior(xb, sample=True, per_example=False)
-        kl = posterior.kl(prior)
+        kl = posterior_kl(posterior, prior)
         B = objective_complexity(kl, prior, n, delta, formula)
         if surrogate == "bounded-ce":
             sur = bounded_cross_entropy(logits, yb)

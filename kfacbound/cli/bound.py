@@ -17,6 +17,7 @@ from ..bounds.certify import (
     DEFAULT_LR_DECAY,
     DEFAULT_MEAN_LR,
     DEFAULT_PRIOR_EPOCHS,
+    PRIOR_KINDS,
     PRIOR_SCHEMES,
     certify_checkpoint,
 )
@@ -105,6 +106,10 @@ def _check_prob(name: str, v: float) -> None:
               show_default=True,
               help="pbb: Q starts at the prior mean and trains on all data (Pérez-Ortiz et al.); "
                    "checkpoint: Q starts at the checkpoint and trains on the bound split.")
+@click.option("--prior", "prior_kind", type=click.Choice(PRIOR_KINDS), default="isotropic",
+              show_default=True,
+              help="isotropic: N(w_p, λI); curvature: N(w_p, (λ⁻¹I + τ n_p G⊗A)⁻¹) from the "
+                   "prior split's K-FAC factors (needs --prior-split and --posterior kfac).")
 @click.option("--grid-c", type=float, default=GRID_C, show_default=True)
 @click.option("--grid-b", type=float, default=GRID_B, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -140,7 +145,8 @@ def command(checkpoint: str, data_opts: dict[str, Any], **kw: Any) -> None:
         lr_decay=kw["lr_decay"], objective=kw["objective"], surrogate=kw["surrogate"],
         batch_size=kw["batch_size"], std_init=_std_init(kw["std_init"]),
         std_scale=kw["std_scale"], basis_every=kw["basis_every"], exact_k=kw["exact_k"],
-        prior_epochs=kw["prior_epochs"], prior_scheme=kw["prior_scheme"], c=kw["grid_c"],
+        prior_epochs=kw["prior_epochs"], prior_scheme=kw["prior_scheme"],
+        prior_kind=kw["prior_kind"], c=kw["grid_c"],
         b=kw["grid_b"],
     )
     if len(posteriors) == 1:
