@@ -1,7 +1,8 @@
 """Gaussian posteriors Q over a network's weights, the isotropic prior P, and KL(Q‖P).
 
-Every posterior is a product over the Linear/Conv2d layers of a model (an ``nn.Sequential`` from
-:mod:`kfacbound.models`, BatchNorm already folded) of Gaussians over the layer matrix
+Every posterior is a product over the Linear/Conv2d layers of a model (any module graph of
+:mod:`kfacbound.models`: ``nn.Sequential`` networks and the residual ResNets, BatchNorm already
+folded; see :class:`LayerSlot` for how the graph is kept) of Gaussians over the layer matrix
 W̃ = [W | b] (layout of :mod:`kfacbound.curvature.layout`, out × (in + 1)), each with a trainable
 mean M (initialised at the trained weights) and a trainable log-std:
 
@@ -157,6 +158,10 @@ class LayerPosterior(nn.Module):
             z = F.linear(a, w, b)
             if not sample:
                 return z
+            if a.ndim != 2:
+                raise UnsupportedModuleError(
+                    f"a sampled linear layer needs (batch, features) inputs, got {tuple(a.shape)}"
+                )
             a1 = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) if self.has_bias else a
             return z + self.linear_noise(a1)
         # conv
@@ -411,73 +416,167 @@ class IsotropicPrior(nn.Module):
         return grid_j(float(self.lam), self.c, self.b)
 
 
-class GaussianPosterior(nn.Module):
-    """Q over a flat ``nn.Sequential``: Gaussian layers for every Linear/Conv2d child."""
+class LayerSlot(nn.Module):
+    """Stands in for one Linear/Conv2d layer inside the posterior's copy of the network.
 
-    def __init__(self, model: nn.Sequential, layers: Mapping[str, LayerPosterior], kind: str):
+    :class:`GaussianPosterior` deep-copies the (BatchNorm-folded, eval-mode) model and puts a slot
+    at the module path of every Linear/Conv2d layer. The copied model's own ``forward`` still runs
+    (``module(x)``), so residual sums, poolings, flattening and any other parameter-free graph
+    work exactly as in the model; only the layers change: a slot passes its input to its
+    :class:`LayerPosterior` with the flags ``sample`` / ``per_example`` that
+    :meth:`GaussianPosterior.forward` sets on all slots before the call.
+
+    Why the law is unchanged: each layer is evaluated once per forward pass (checked through
+    ``calls``), with weight noise drawn independently per layer and, with ``per_example=True``,
+    independently per example (local reparameterisation for Linear, one kernel per example by
+    grouped convolution for Conv2d). Given the layer inputs, which depend only on the example's
+    own draws in the earlier layers, the outputs are therefore those of f(x; W) with W ~ Q drawn
+    for each example, independent across examples — the same argument as for a chain, since the
+    graph only routes and combines the outputs of the layers deterministically.
+    """
+
+    def __init__(self, layer: LayerPosterior):
         super().__init__()
-        if not isinstance(model, nn.Sequential):
-            raise UnsupportedModuleError("posteriors need an nn.Sequential model")
+        self.layer = layer
+        self.sample = True
+        self.per_example = True
+        self.calls = 0
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.layer(a, sample=self.sample, per_example=self.per_example)
+
+
+class GaussianPosterior(nn.Module):
+    """Q over any module graph: a Gaussian :class:`LayerPosterior` for every Linear/Conv2d layer.
+
+    ``net`` is a copy of the model in which each layer at dotted path p is replaced by a
+    :class:`LayerSlot` around its posterior (see there); :meth:`layers` lists
+    (p, LayerPosterior) in :func:`~kfacbound.curvature.layout.curvature_layers` order. Every other
+    module must be free of parameters (BatchNorm is folded before).
+    """
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, LayerPosterior], kind: str):
+        super().__init__()
         self.kind = kind
-        self.names = list(model._modules)
-        self.blocks = nn.ModuleDict()
-        self.layer_paths: list[str] = []
-        for name in self.names:
-            child = model._modules[name]
-            if name in layers:
-                self.blocks[name] = layers[name]
-                self.layer_paths.append(name)
-            elif any(True for _ in child.parameters()):
+        model = copy.deepcopy(model).eval()
+        found = curvature_layers(model)
+        self.layer_paths: list[str] = [path for path, _ in found]
+        all_paths = [p for p, m in model.named_modules(remove_duplicate=False)
+                     if isinstance(m, (nn.Linear, nn.Conv2d))]
+        if len(all_paths) != len(self.layer_paths):
+            shared = sorted(set(all_paths) - set(self.layer_paths))
+            raise UnsupportedModuleError(
+                f"layer {shared[0]!r} shares its module with another path; weight sharing is "
+                "not supported by the posteriors"
+            )
+        for path, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                if path not in layers:
+                    raise UnsupportedModuleError(f"layer {path!r} has no posterior")
+                continue
+            if any(True for _ in module.parameters(recurse=False)):
                 raise UnsupportedModuleError(
-                    f"module {name!r} ({type(child).__name__}) has parameters but no posterior; "
+                    f"module {path!r} ({type(module).__name__}) has parameters but no posterior; "
                     "only Linear/Conv2d layers (and BatchNorm, folded) are supported"
                 )
-            else:
-                self.blocks[name] = child
-        self._template = copy.deepcopy(model).eval()
+        template = copy.deepcopy(model).eval()
+        self.names = list(model._modules)
+        slots = {path: LayerSlot(layers[path]) for path in self.layer_paths}
+        if "" in slots:  # the model is a single layer
+            model = slots[""]
+        else:
+            for path, slot in slots.items():
+                prefix, _, leaf = path.rpartition(".")
+                parent = model.get_submodule(prefix) if prefix else model
+                parent._modules[leaf] = slot
+        self.net = model
+        self._template = template  # registered after ``net``: parameter order as before
+
+    def _slots(self) -> list[LayerSlot]:
+        return [self.net.get_submodule(p) if p else self.net for p in self.layer_paths]
 
     def layers(self) -> list[tuple[str, LayerPosterior]]:
-        return [(p, self.blocks[p]) for p in self.layer_paths]
+        return [(p, s.layer) for p, s in zip(self.layer_paths, self._slots(), strict=True)]
+
+    @property
+    def blocks(self) -> dict[str, nn.Module]:
+        """The top-level children of the model by name, each layer as its
+        :class:`LayerPosterior` (for a flat ``nn.Sequential``: the network's stages in order)."""
+        if isinstance(self.net, LayerSlot):
+            return {}
+        return {name: child.layer if isinstance(child, LayerSlot) else child
+                for name, child in self.net._modules.items()}
+
+    def _run(self, x: torch.Tensor, fn, sample: bool, per_example: bool) -> torch.Tensor:
+        slots = self._slots()
+        for slot in slots:
+            slot.sample, slot.per_example, slot.calls = sample, per_example, 0
+        out = fn(x)
+        for path, slot in zip(self.layer_paths, slots, strict=True):
+            if slot.calls > 1 and sample:
+                raise UnsupportedModuleError(
+                    f"layer {path!r} was applied {slot.calls} times in one forward pass; a "
+                    "sampled network would draw its weights once per call, not once per network"
+                )
+        return out
 
     def forward(self, x: torch.Tensor, sample: bool = True, per_example: bool = True):
-        for name in self.names:
-            block = self.blocks[name]
-            if name in self.layer_paths:
-                x = block(x, sample=sample, per_example=per_example)
-            else:
-                x = block(x)
-        return x
+        """Outputs of the network under Q: the means (``sample=False``), one network from Q per
+        example (``per_example=True``), or one per batch for conv layers (training only)."""
+        return self._run(x, self.net, sample, per_example)
+
+    def _shortcut_layer(self) -> int | None:
+        """Index of the first parameterised child of a ``nn.Sequential`` net when it is a linear
+        layer whose noise has per-row scales (:meth:`LayerPosterior.noise_scale`), else None."""
+        if not isinstance(self.net, nn.Sequential):
+            return None
+        for i, child in enumerate(self.net._modules.values()):
+            if any(True for _ in child.parameters()):
+                if isinstance(child, LayerSlot) and child.layer.kind == "linear":
+                    return i
+                return None
+        return None
 
     @torch.no_grad()
     def forward_repeated(self, x: torch.Tensor, passes: int) -> torch.Tensor:
         """Outputs of ``passes`` independent networks from Q for every example: (passes, B, …).
 
         Same law as ``passes`` calls of ``forward(x, per_example=True)``: every (pass, example)
-        pair gets its own independent draw. Cheaper: the first layer's input is the same in every
-        pass, so its mean pre-activation M ã and its noise scales (:meth:`noise_scale`) are
-        computed once and only the noise T (s ∘ ε) is drawn per pass; the later layers run on
-        the passes stacked into the batch dimension.
+        pair gets its own independent draw. The input is repeated ``passes`` times along the batch
+        dimension and the sampled network runs once on it. Shortcut for an ``nn.Sequential`` whose
+        first parameterised child is a linear layer with per-row noise scales (diagonal,
+        Kronecker): its input is the same in every pass, so its mean pre-activation M ã and its
+        noise scales (:meth:`LayerPosterior.noise_scale`) are computed once and only the noise
+        T (s ∘ ε) is drawn per pass; the later children run on the passes stacked into the batch.
         """
         B = x.shape[0]
-        names = list(self.names)
-        while names and names[0] not in self.layer_paths:
-            x = self.blocks[names.pop(0)](x)
-        first = self.blocks[names[0]] if names else None
-        scale = None
-        if first is not None and first.kind == "linear":
-            a1 = torch.cat([x, x.new_ones(B, 1)], dim=1) if first.has_bias else x
-            scale = first.noise_scale(a1)
-        if scale is None:  # conv or exact first layer: repeat the input
-            x = x.unsqueeze(0).expand(passes, *x.shape).reshape(passes * B, *x.shape[1:])
+        first = self._shortcut_layer()
+        if first is not None:
+            children = list(self.net._modules.values())
+            for child in children[:first]:
+                x = child(x)
+            layer = children[first].layer
+            a1 = torch.cat([x, x.new_ones(B, 1)], dim=1) if layer.has_bias else x
+            scale = layer.noise_scale(a1)
+            if scale is not None:
+                z = layer(x, sample=False)
+                reps = scale.unsqueeze(0).expand(passes, *scale.shape).reshape(passes * B, -1)
+                h = z.repeat(passes, 1) + layer.noise_from_scale(reps)
+
+                def rest(h: torch.Tensor) -> torch.Tensor:
+                    for child in children[first + 1:]:
+                        h = child(h)
+                    return h
+
+                out = self._run(h, rest, True, True)
+                return out.reshape(passes, B, *out.shape[1:])
+            net: nn.Module = nn.Sequential(*children[first:])  # exact layer: repeat its input
         else:
-            z = first(x, sample=False)
-            reps = scale.unsqueeze(0).expand(passes, *scale.shape).reshape(passes * B, -1)
-            x = z.repeat(passes, 1) + first.noise_from_scale(reps)
-            names.pop(0)
-        for name in names:
-            block = self.blocks[name]
-            x = block(x, sample=True, per_example=True) if name in self.layer_paths else block(x)
-        return x.reshape(passes, B, *x.shape[1:])
+            net = self.net
+        x = x.unsqueeze(0).expand(passes, *x.shape).reshape(passes * B, *x.shape[1:])
+        out = self._run(x, net, True, True)
+        return out.reshape(passes, B, *out.shape[1:])
 
     def numel(self) -> int:
         return sum(layer.numel() for _, layer in self.layers())
@@ -503,11 +602,12 @@ class GaussianPosterior(nn.Module):
             lam = prior.lam if dtype is None else prior.lam.to(dtype)
         return kl_isotropic_terms(sq, sv, sl, k, lam)
 
-    def mean_model(self) -> nn.Sequential:
-        """A copy of the deterministic network with weights set to the posterior means."""
+    def mean_model(self) -> nn.Module:
+        """A copy of the deterministic (folded) network with weights set to the posterior means,
+        written at each layer's dotted path."""
         model = copy.deepcopy(self._template)
         for path, layer in self.layers():
-            mod = model._modules[path]
+            mod = model.get_submodule(path) if path else model
             set_layer_matrix(mod, layer.mean.detach().to(mod.weight.dtype))
         return model
 
@@ -541,10 +641,6 @@ def build_posterior(
     model = _ensure_folded(model)
     layers: dict[str, LayerPosterior] = {}
     for path, module in curvature_layers(model):
-        if "." in path:
-            raise UnsupportedModuleError(
-                f"layer {path!r} is nested; posteriors need a flat nn.Sequential"
-            )
         if kind == "diag":
             mat = layer_matrix(module).detach().to(torch.float64)
             if std_init == "dr":

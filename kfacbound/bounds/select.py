@@ -67,7 +67,8 @@ class Selection:
 
 #: Options of certify_checkpoint that change the prior P or the bound set: candidates that differ
 #: in one of them (or use a data-dependent prior at all) do not share a prior.
-PRIOR_KEYS = ("prior_split", "prior_epochs", "c", "b", "init_model", "dataset")
+PRIOR_KEYS = ("prior_split", "prior_epochs", "prior_scheme", "prior_kind", "c", "b", "init_model",
+              "dataset")
 
 
 def shares_prior(common: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]) -> bool:
