@@ -217,6 +217,18 @@ def test_cli_bound_writes_certificate(tmp_path):
     res = CliRunner().invoke(main, ["bound", str(ckpt), "--delta", "2", "--no-progress",
                                     "-o", str(out)])
     assert res.exit_code == 2
+    # --recipe best fills what the user did not give, keeps what they gave, and says so
+    res = CliRunner().invoke(main, ["bound", str(ckpt), "--recipe", "best", "--prior-epochs",
+                                    "2", "--iterations", "10", "--mc-passes", "1",
+                                    "--no-progress", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    cert = json.loads(out.read_text())
+    assert "recipe best: posterior=kfac, prior_split=0.5" in res.output
+    assert cert["recipe"]["chosen"]["prior_split"] == 0.5
+    assert "prior_epochs" not in cert["recipe"]["chosen"]
+    assert cert["posterior"] == "kfac" and cert["prior"]["prior_epochs"] == 2
+    assert cert["n"] == 100 and cert["prior"]["prior_n"] == 100
+    assert cf.recompute_certificate(cert) == pytest.approx(cert["bound"], abs=1e-12)
 
 
 def test_kfac_posterior_with_curvature_engine_and_iter_variant(trained):

@@ -56,7 +56,7 @@ def test_unknown_dataset_and_arch(tmp_path):
     out = tmp_path / "x.kfb"
     _error(CliRunner().invoke(main, ["train", "--arch", "fc", "--dataset", "imagenet",
                                      "-o", str(out)]), "unknown dataset")
-    _error(CliRunner().invoke(main, ["train", "--arch", "resnet", "--dataset", "digits",
+    _error(CliRunner().invoke(main, ["train", "--arch", "vgg", "--dataset", "digits",
                                      "--epochs", "1", "-o", str(out)]), "unknown architecture")
     assert not out.exists()
 

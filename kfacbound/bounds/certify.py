@@ -401,6 +401,28 @@ def exact_eigenbases(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss: s
     return out
 
 
+# ----------------------------------------------------------------------------- recipes
+
+#: Named settings of certify_checkpoint. "best": the combination that gave the tightest 0-1
+#: certificates in our measurements (benchmarks/RESULTS.md, "Certificate recipes"): the K-FAC
+#: posterior with a learnt prior (half the training set, PBB scheme, 10 epochs).
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "best": {"posterior": "kfac", "prior_split": 0.5, "prior_scheme": "pbb",
+             "prior_epochs": 10, "prior_kind": "isotropic", "objective": "pinsker"},
+}
+
+
+def apply_recipe(name: str, options: Mapping[str, Any], explicit: set[str] | frozenset = frozenset()
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options with the recipe's values, what the recipe set): the recipe fills every option
+    that is not in ``explicit`` (the ones the user gave)."""
+    if name not in RECIPES:
+        raise KfacboundError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    chosen = {k: v for k, v in RECIPES[name].items() if k not in explicit}
+    return {**options, **chosen}, chosen
+
+
 # ----------------------------------------------------------------------------- priors
 
 #: Epochs of SGD for a data-dependent prior mean (see benchmarks/RESULTS.md / results/bounds).
