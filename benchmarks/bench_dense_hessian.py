@@ -2,25 +2,36 @@
 
 Network: fc 64 → 36 → 36 → 10, tanh, biases (4,042 parameters), cross-entropy, 100 examples
 (8×8 MNIST-5k digits when available, else Gaussian inputs). All timings in one process, same data,
-same thread count; the table row reports time ratios (reference / ours) and the largest absolute
-difference between the matrices.
+same thread count; the table reports time ratios (row / ours), the largest absolute difference
+from our matrix and each row's peak resident memory (benchmarks/_mem.py). Rows: ``exact_hessian``
+(the closed form for MLPs, ``kfacbound.curvature.exact._mlp_hessian``), our generic path
+(vmapped Hessian-vector products against identity columns, used for any other network),
+``torch.func.hessian`` and ``torch.autograd.functional.hessian``.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_dense_hessian.py [--threads 1] [--repeat 3]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_dense_hessian.py [--threads 1]
+        [--repeat 3] [--device cpu] [--skip-loop] [--quick] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import sys
 import time
 
 import torch
 from torch.func import functional_call
 
-from kfacbound.curvature.exact import exact_hessian
-from kfacbound.curvature.layout import torch_to_layout_index
-from kfacbound.losses import make_loss
-from kfacbound.models import build_model, resolve_spec
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from _mem import PeakMemory  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+
+from kfacbound.curvature.exact import _dense_hessian, _problem, exact_hessian  # noqa: E402
+from kfacbound.curvature.layout import torch_to_layout_index  # noqa: E402
+from kfacbound.losses import make_loss  # noqa: E402
+from kfacbound.models import build_model, resolve_spec  # noqa: E402
 
 
 def _data(n: int):
@@ -35,13 +46,18 @@ def _data(n: int):
                 torch.randint(0, 10, (n,), generator=g), "gaussian")
 
 
-def _best(fn, repeat: int) -> tuple[float, torch.Tensor]:
-    best, out = float("inf"), None
+def _best(fn, repeat: int, device: str) -> tuple[float, torch.Tensor, dict]:
+    best, out, mem = float("inf"), None, {}
     for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        out = None
+        with PeakMemory(device) as m:
+            t = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - t)
+        rec = m.record()
+        if not mem or rec["peak_rss_mib"] > mem["peak_rss_mib"]:
+            mem = rec
+    return best, out, mem
 
 
 def main() -> None:
@@ -52,10 +68,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-loop", action="store_true",
                     help="skip torch.autograd.functional.hessian with vectorize=False (slow)")
+    ap.add_argument("--widths", default="36,36")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU dry run of gpu.sh)")
+    ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.widths, args.repeat, args.skip_loop = 20, "8,8", 1, True
     torch.set_num_threads(args.threads)
     X, y, source = _data(args.n)
-    spec = resolve_spec({"arch": "fc", "widths": [36, 36], "activation": "tanh", "bias": True},
+    widths = [int(w) for w in args.widths.split(",")]
+    spec = resolve_spec({"arch": "fc", "widths": widths, "activation": "tanh", "bias": True},
                         input_shape=[64], num_outputs=10)
     model = build_model(spec, seed=0).to(torch.float64).eval()
     p = sum(q.numel() for q in model.parameters())
@@ -91,6 +113,12 @@ def main() -> None:
         sync()
         return H
 
+    def ours_generic():
+        problem = _problem(model, X, y, "ce", None, None, None, torch.float64, args.device, None)
+        H = _dense_hessian(problem, False, structured=False).cpu()
+        sync()
+        return H
+
     def autograd_loop():
         H = torch.autograd.functional.hessian(objective, theta)
         sync()
@@ -107,21 +135,34 @@ def main() -> None:
         return H[idx][:, idx].cpu()
 
     ours()  # warm-up (functorch set-up)
-    t_ours, H = _best(ours, args.repeat)
-    rows = [("kfacbound exact_hessian", t_ours, 0.0)]
-    refs = [("torch.func.hessian", func_hessian),
-            ("autograd.functional.hessian(vectorize=True)", autograd_vec)]
+    t_ours, H, mem = _best(ours, args.repeat, args.device)
+    rows = [("kfacbound exact_hessian (MLP closed form)", t_ours, 0.0, mem)]
+    refs = [("kfacbound generic path (vmapped HVPs of identity columns)", ours_generic),
+            ("torch.func.hessian", func_hessian),
+            ("torch.autograd.functional.hessian(vectorize=True)", autograd_vec)]
     if not args.skip_loop:
-        refs.append(("autograd.functional.hessian (default loop)", autograd_loop))
+        refs.append(("torch.autograd.functional.hessian (default loop)", autograd_loop))
     for name, fn in refs:
-        t, R = _best(fn, 1 if "loop" in name else args.repeat)
-        rows.append((name, t, float((R - H).abs().max())))
-    print(f"# dense Hessian, p = {p}, n = {args.n} ({source}), float64, device {args.device}, "
-          f"{args.threads} thread(s), {platform.processor() or platform.machine()}")
-    print("| method | seconds | ratio to ours | max abs diff |")
-    print("|---|---|---|---|")
-    for name, t, diff in rows:
-        print(f"| {name} | {t:.2f} | {t / t_ours:.1f}x | {diff:.1e} |")
+        t, R, mem = _best(fn, 1 if "loop" in name else args.repeat, args.device)
+        rows.append((name, t, float((R - H).abs().max()), mem))
+        del R
+    header = (f"dense Hessian, fc 64-{'-'.join(map(str, widths))}-10 tanh, p = {p}, n = {args.n} "
+              f"({source}), float64, device {args.device}, {args.threads} thread(s), "
+              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+              f"best of {args.repeat}")
+    print(f"# {header}")
+    print("| method | seconds | time ratio to ours | max abs diff | peak RSS (MiB) |")
+    print("|---|---|---|---|---|")
+    for name, t, diff, mem in rows:
+        print(f"| {name} | {t:.2f} | {t / t_ours:.1f}x | {diff:.1e} | "
+              f"{mem['peak_rss_mib']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"header": header, "p": p, "n": args.n, "threads": args.threads,
+                       "device": args.device, "repeat": args.repeat,
+                       "rows": [{"row": name, "seconds": t, "ratio_to_ours": t / t_ours,
+                                 "max_abs_diff": diff, **mem}
+                                for name, t, diff, mem in rows]}, fh, indent=2)
 
 
 if __name__ == "__main__":

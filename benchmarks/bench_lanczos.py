@@ -27,6 +27,14 @@ Rows (all measured in this one process, on the same model and data):
   PyHessian's ("matched" row); float32 like PyHessian. Optionally (--float64) the same tolerance
   once more with the float64 operator (the library default).
 
+Hessian-vector product row (issue 11): seconds per product on the same block, float32, averaged
+over --hvp-products products after one warm-up: PyHessian's ``hessian_vector_product`` on the
+graph its constructor keeps; ours through ``hessian_operator(..., dtype=float32)`` with the
+gradient graph cached (the default when it fits in GRAPH_MEMORY = 2 GiB: n = 10,000 needs about
+0.2 GiB here) and with ``cache_graph=False`` (rebuilt per product, as before issue 11).
+
+Every row also records its peak resident memory (benchmarks/_mem.py).
+
 For each row: wall time (including set-up: our operator construction, PyHessian's constructor
 with its forward and create_graph backward), the number of Hessian-vector products (our operator
 counts them; PyHessian's ``hessian_vector_product`` is wrapped with a counter) and
@@ -40,9 +48,9 @@ dependencies, so that it cannot replace torch:
 
     .venv/bin/pip install --no-deps pyhessian==0.1
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_lanczos.py [--n 10000] [--k 20]
-        [--threads 2] [--device cpu] [--max-iter 100] [--tols 1e-2,1e-3,1e-4,1e-5]
-        [--repeats 1] [--float64] [--json out.json]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lanczos.py [--n 10000] [--k 20]
+        [--threads 1] [--device cpu] [--max-iter 100] [--tols 1e-2,1e-3,1e-4,1e-5]
+        [--ncv NCV] [--repeats 1] [--float64] [--hvp-products 5] [--quick] [--json out.json]
 """
 
 from __future__ import annotations
@@ -65,6 +73,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from _mem import PeakMemory  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+
 from kfacbound.curvature.operators import hessian_operator  # noqa: E402
 from kfacbound.curvature.spectral import top_eigenpairs  # noqa: E402
 from kfacbound.data import KDataset, load_dataset  # noqa: E402
@@ -86,6 +96,51 @@ def load_data(n: int) -> tuple[KDataset, str]:
     return KDataset(X, y, 10, spec), "random data (Fashion-MNIST not installed)"
 
 
+class _StandIn:
+    """PyHessian 0.1's interface, reimplemented (power iteration with deflation on a graph built
+    once), for ``--quick`` dry runs where PyHessian is not installed. Not used for any result."""
+
+    def __init__(self):
+        def hvp(gradsH, params, v):
+            return torch.autograd.grad(gradsH, params, grad_outputs=v, retain_graph=True)
+
+        def orthnormal(w, v_list):
+            for v in v_list:
+                w = [a - sum(float((x * y).sum()) for x, y in zip(w, v, strict=True)) * b
+                     for a, b in zip(w, v, strict=True)]
+            norm = sum(float((x * x).sum()) for x in w) ** 0.5
+            return [x / (norm + 1e-6) for x in w]
+
+        self.hessian_vector_product, self.orthnormal = hvp, orthnormal
+        outer = self
+
+        class Hessian:
+            def __init__(self, model, criterion, data, cuda=False):
+                X, y = data
+                self.params = [q for q in model.parameters() if q.requires_grad]
+                loss = criterion(model(X), y)
+                self.gradsH = torch.autograd.grad(loss, self.params, create_graph=True)
+
+            def eigenvalues(self, maxIter=100, tol=1e-3, top_n=1):
+                evals, evecs = [], []
+                for _ in range(top_n):
+                    v = outer.orthnormal([torch.randn_like(q) for q in self.params], evecs)
+                    ev = None
+                    for _ in range(maxIter):
+                        Hv = outer.hessian_vector_product(self.gradsH, self.params, v)
+                        new = sum(float((a * b).sum()) for a, b in zip(Hv, v, strict=True))
+                        v = outer.orthnormal(list(Hv), evecs)
+                        if ev is not None and abs(ev - new) / (abs(ev) + 1e-6) < tol:
+                            ev = new
+                            break
+                        ev = new
+                    evals.append(ev)
+                    evecs.append(v)
+                return evals, evecs
+
+        self.hessian = Hessian
+
+
 def max_rel_error(evals: np.ndarray, ref: np.ndarray) -> float:
     a = np.sort(np.asarray(evals, dtype=np.float64))[::-1]
     return float(np.max(np.abs(a - ref) / np.abs(ref)))
@@ -96,10 +151,13 @@ def layout_vector(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return torch.cat([weight, bias[:, None]], dim=1).reshape(-1)
 
 
-def best_of(fn: Callable[[], dict[str, Any]], repeats: int) -> dict[str, Any]:
+def best_of(fn: Callable[[], dict[str, Any]], repeats: int, device: str = "cpu"
+            ) -> dict[str, Any]:
     best: dict[str, Any] | None = None
     for _ in range(repeats):
-        out = fn()
+        with PeakMemory(device) as mem:
+            out = fn()
+        out.update(mem.record())
         if best is None or out["seconds"] < best["seconds"]:
             best = out
     assert best is not None
@@ -121,14 +179,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="best of R runs per timed row")
     ap.add_argument("--float64", action="store_true",
                     help="also time ours with the float64 operator at the matched tolerance")
+    ap.add_argument("--ncv", type=int, default=None, help="eigsh's ncv for our rows")
+    ap.add_argument("--hvp-products", type=int, default=5)
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny sizes, no PyHessian needed (CPU dry run of benchmarks/gpu.sh)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.k, args.max_iter, args.hvp_products, args.tols = 300, 3, 20, 2, "1e-2"
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*create_graph=True.*")
     dev, k = args.device, args.k
 
     # the module, not the class of the same name that pyhessian/__init__.py re-exports
-    ph = importlib.import_module("pyhessian.hessian")
+    try:
+        ph = importlib.import_module("pyhessian.hessian")
+    except ImportError:
+        if not args.quick:
+            raise SystemExit("PyHessian is needed: .venv/bin/pip install --no-deps "
+                             "pyhessian==0.1") from None
+        ph = _StandIn()
 
     t0 = time.perf_counter()
     ds, data_name = load_data(args.n)
@@ -186,17 +256,62 @@ def main() -> None:
         raise SystemExit(f"operator size {op64.shape[0]} != {p}")
     mine = op64.matvec(layout_vector(vw, vb).cpu().double().numpy())
     hvp_diff = float(np.linalg.norm(theirs - mine) / np.linalg.norm(mine))
-    del hc, pm
+    del op64
+
+    # --- seconds per Hessian-vector product on the same block, float32 ------------------------
+    m_hvp = args.hvp_products
+    vs = [torch.randn(p, generator=g).numpy().astype(np.float32) for _ in range(m_hvp + 1)]
+
+    def sync():
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def per_product(apply) -> float:
+        apply(vs[0])  # warm-up (and, for a cached operator, the one graph build)
+        sync()
+        t = time.perf_counter()
+        for v in vs[1:]:
+            apply(v)
+        sync()
+        return (time.perf_counter() - t) / m_hvp
+
+    def ph_apply(v, hc=hc, pm=pm):
+        t = torch.from_numpy(v).to(dev).reshape(pm.fc1.weight.shape[0], -1)
+        return original_hvp(hc.gradsH, hc.params, [t[:, :-1].contiguous(), t[:, -1].contiguous()])
+
+    hvp_rows = []
+    for name, make in [
+        ("PyHessian 0.1 hessian_vector_product (graph kept)", None),
+        ("ours, cached gradient graph (default)", lambda: hessian_operator(
+            model, X, y, "ce", params=LAYER, device=dev, dtype=np.float32, cache_graph=True)),
+        ("ours, graph rebuilt per product (cache_graph=False)", lambda: hessian_operator(
+            model, X, y, "ce", params=LAYER, device=dev, dtype=np.float32, cache_graph=False)),
+    ]:
+        with PeakMemory(dev) as mem:
+            if make is None:
+                sec = per_product(ph_apply)
+            else:
+                op = make()
+                sec = per_product(op.matvec)
+                del op
+        hvp_rows.append({"row": name, "seconds_per_product": sec, **mem.record()})
+        print(f"HVP: {name}: {sec:.3f} s per product", file=sys.stderr, flush=True)
+    for r in hvp_rows:
+        r["time_ratio_pyhessian_over_row"] = hvp_rows[0]["seconds_per_product"] / \
+            r["seconds_per_product"]
+    del hc, pm, ph_apply
+    op64 = hessian_operator(model, X, y, "ce", params=LAYER, device=dev)
     print(f"PyHessian params = [fc1.weight, fc1.bias] ({p} entries); its Hv vs ours (float64): "
           f"relative difference {hvp_diff:.2e}", file=sys.stderr, flush=True)
 
     # --- reference: our Lanczos in float64, tight tolerance ---------------------------------
     op64.num_products = 0
     t0 = time.perf_counter()
-    ref, _ = top_eigenpairs(op64, k, tol=args.ref_tol)
+    with PeakMemory(dev) as ref_mem:
+        ref, _ = top_eigenpairs(op64, k, tol=args.ref_tol)
     ref_row = {"row": f"reference: ours float64, eigsh tol={args.ref_tol:g}",
                "seconds": time.perf_counter() - t0, "hvps": op64.num_products,
-               "max_rel_error": 0.0}
+               "max_rel_error": 0.0, **ref_mem.record()}
     del op64
     print(f"reference: {ref_row['seconds']:.1f} s, {ref_row['hvps']} HVPs; eigenvalues "
           f"{ref[0]:.6g} ... {ref[-1]:.6g}", file=sys.stderr, flush=True)
@@ -222,7 +337,7 @@ def main() -> None:
                 "iterations": list(iterations),
                 "reached_max_iter": sum(i >= args.max_iter for i in iterations)}
 
-    pyh = best_of(run_pyhessian, args.repeats)
+    pyh = best_of(run_pyhessian, args.repeats, dev)
     print(f"PyHessian: {pyh['seconds']:.1f} s, {pyh['hvps']} HVPs, max rel error "
           f"{pyh['max_rel_error']:.2e}, iterations {pyh['iterations']}", file=sys.stderr,
           flush=True)
@@ -231,10 +346,11 @@ def main() -> None:
     def run_ours(tol: float, dtype: type) -> dict[str, Any]:
         t = time.perf_counter()
         op = hessian_operator(model, X, y, "ce", params=LAYER, device=dev, dtype=dtype)
-        evals, _ = top_eigenpairs(op, k, tol=tol)
+        evals, _ = top_eigenpairs(op, k, tol=tol, ncv=args.ncv)
         seconds = time.perf_counter() - t
         bits = 32 if dtype is np.float32 else 64
-        return {"row": f"ours float{bits}, eigsh tol={tol:g}", "tol": tol,
+        ncv = f", ncv={args.ncv}" if args.ncv else ""
+        return {"row": f"ours float{bits}, eigsh tol={tol:g}{ncv}", "tol": tol,
                 "seconds": seconds, "hvps": op.num_products,
                 "max_rel_error": max_rel_error(evals, ref),
                 "eigenvalues": np.sort(evals)[::-1].tolist()}
@@ -242,7 +358,7 @@ def main() -> None:
     ours: list[dict[str, Any]] = []
     matched: dict[str, Any] | None = None
     for tol in [float(s) for s in args.tols.split(",") if s]:
-        row = best_of(lambda tol=tol: run_ours(tol, np.float32), args.repeats)
+        row = best_of(lambda tol=tol: run_ours(tol, np.float32), args.repeats, dev)
         ours.append(row)
         print(f"ours tol={tol:g}: {row['seconds']:.1f} s, {row['hvps']} HVPs, max rel error "
               f"{row['max_rel_error']:.2e}", file=sys.stderr, flush=True)
@@ -252,7 +368,7 @@ def main() -> None:
     if matched is not None:
         matched["matched"] = True
         if args.float64:
-            row64 = best_of(lambda: run_ours(matched["tol"], np.float64), args.repeats)
+            row64 = best_of(lambda: run_ours(matched["tol"], np.float64), args.repeats, dev)
             ours.append(row64)
 
     rows = [ref_row, pyh, *ours]
@@ -265,12 +381,20 @@ def main() -> None:
               f"{data_name}, n = {len(X)} in one batch, {args.threads} threads, {device_name}, "
               f"torch {torch.__version__}, best of {args.repeats}")
     print(f"\n{header}\n")
-    print("| method | seconds | HVPs | max rel. error vs reference | PyHessian time / this |")
-    print("|---|---|---|---|---|")
+    print("| method | seconds | HVPs | max rel. error vs reference | PyHessian time / this "
+          "| peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         mark = " (matched)" if r.get("matched") else ""
         print(f"| {r['row']}{mark} | {r['seconds']:.1f} | {r['hvps']} | "
-              f"{r['max_rel_error']:.1e} | {r['time_ratio_pyhessian_over_row']:.2f} |")
+              f"{r['max_rel_error']:.1e} | {r['time_ratio_pyhessian_over_row']:.2f} | "
+              f"{r['peak_rss_mib']:.0f} |")
+    print("\n| Hessian-vector product (float32) | seconds per product | PyHessian / this "
+          "| peak RSS (MiB) |")
+    print("|---|---|---|---|")
+    for r in hvp_rows:
+        print(f"| {r['row']} | {r['seconds_per_product']:.3f} | "
+              f"{r['time_ratio_pyhessian_over_row']:.2f} | {r['peak_rss_mib']:.0f} |")
     if matched is not None:
         print(f"\nAt matched accuracy (ours {matched['max_rel_error']:.1e} ≤ PyHessian "
               f"{pyh['max_rel_error']:.1e}): PyHessian / ours = "
@@ -295,7 +419,7 @@ def main() -> None:
                                     "train_error": metrics["train_error"]},
                        "pyhessian": {"max_iter": args.max_iter, "tol": args.pyhessian_tol},
                        "reference_eigenvalues": ref.tolist(), "hvp_relative_difference":
-                       hvp_diff, "rows": rows,
+                       hvp_diff, "rows": rows, "hvp_rows": hvp_rows, "ncv": args.ncv,
                        "time_ratio_matched": (pyh["seconds"] / matched["seconds"]
                                               if matched else None),
                        "hvp_ratio_matched": (pyh["hvps"] / matched["hvps"]

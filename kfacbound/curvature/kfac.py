@@ -220,7 +220,7 @@ def _conv_input_factor(module: nn.Conv2d, a: torch.Tensor,
             tmp.zero_()
         out[:D, :D].add_(_gram_upper_(tmp, c.T), alpha=1.0 / T)
         if module.bias is not None:
-            s = c.sum(1, dtype=torch.float64) / T
+            s = c.sum(1).to(torch.float64) / T
             out[:D, D] += s
             out[D, :D] += s
     if module.bias is not None:
@@ -261,7 +261,7 @@ def _new_acc(size: int, M: torch.Tensor) -> torch.Tensor:
     return torch.zeros(size, size, dtype=dtype, device=M.device)
 
 
-GRAM_BLOCK = 128  # target width of the column blocks of :func:`_gram_upper_` (see there)
+GRAM_BLOCK = 50  # target width of the column blocks of :func:`_gram_upper_` (see there)
 
 
 def _gram_upper_(out: torch.Tensor, M: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

@@ -48,6 +48,9 @@ from .layout import CURVATURE_LAYERS
 CHUNK_MEMORY = 256 * 2**20
 VMAP_MIN = 4  # fewer vectors than this: plain autograd (less overhead per call)
 MAX_CHUNK = 256  # larger chunks were slower on CPU (measured for p = 3960, n = 100)
+# Memory budget (bytes) for keeping the gradient graphs of all batches between Hessian-vector
+# products (CurvatureProblem.cache_graph); above it each product rebuilds its batch's graph.
+GRAPH_MEMORY = 2 * 2**30
 
 
 def _functional_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -187,6 +190,14 @@ class CurvatureProblem:
     :func:`kfacbound.losses.prepare_targets`) or, for MSE, ready targets of shape (n, C).
     ``batch_size`` (default: all n at once) splits the data; ``chunk_size`` is how many vectors
     one vectorised product handles (default from a memory budget).
+
+    Graph reuse (single products, e.g. Lanczos): with ``cache_graph=True`` the gradient graph
+    of every batch is built once and each later ``hvp`` of fewer than VMAP_MIN vectors is one
+    backward pass through it (about half the cost of rebuilding it). The default
+    (``cache_graph=None``) caches when the estimate :meth:`graph_bytes` (≈ 3 activations per
+    example and layer output, all n examples) fits under ``graph_memory`` bytes (default
+    GRAPH_MEMORY = 2 GiB); a large dataset does not fit, and then every product rebuilds its
+    batch's graph, holding one batch's graph at a time. Free the cache with :meth:`clear_graphs`.
     """
 
     def __init__(
@@ -201,6 +212,8 @@ class CurvatureProblem:
         chunk_size: int | None = None,
         dtype: torch.dtype = torch.float64,
         device: str | torch.device | None = None,
+        cache_graph: bool | None = None,
+        graph_memory: int | None = None,
     ):
         if len(X) != len(y):
             raise KfacboundError(f"X has {len(X)} examples but y has {len(y)}")
@@ -235,6 +248,12 @@ class CurvatureProblem:
             h.remove()
         per_vector = 4 * (min(self.batch_size, self.n) * (sum(sizes) + self.num_outputs)
                           + self.p) * torch.finfo(dtype).bits // 8
+        self._activation_elements = sum(sizes) + self.num_outputs
+        self._itemsize = torch.finfo(dtype).bits // 8
+        self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.graph_memory = GRAPH_MEMORY if graph_memory is None else int(graph_memory)
+        self.cache_graph = (self.graph_bytes() <= self.graph_memory if cache_graph is None
+                            else bool(cache_graph))
         self.chunk_size = (int(chunk_size) if chunk_size
                            else max(1, min(MAX_CHUNK, CHUNK_MEMORY // per_vector)))
 
@@ -288,19 +307,20 @@ class CurvatureProblem:
     def hvp(self, V: torch.Tensor) -> torch.Tensor:
         """H V for V of shape (p,) or (p, k): Hessian of the mean loss.
 
-        Few vectors (k < ``VMAP_MIN``, e.g. Lanczos matvecs): reverse-over-reverse autograd, which
-        has the least per-call overhead; many vectors: forward-over-reverse vectorised with vmap."""
+        Few vectors (k < ``VMAP_MIN``, e.g. Lanczos matvecs): reverse-over-reverse autograd,
+        H v = ∇(∇L·v), through the gradient graph of each batch, kept between calls when
+        ``cache_graph`` (see the class docstring); many vectors: forward-over-reverse vectorised
+        with vmap."""
         V, vec = self._as_matrix(V)
         out = torch.zeros_like(V)
         theta = self.theta
-        for X, T, w in self.batches():
+        for b, (X, T, w) in enumerate(self.batches()):
             if V.shape[1] < VMAP_MIN:
-                t = theta.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    g = torch.autograd.grad(self.batch_loss(t, X, T), t, create_graph=True)[0]
+                    t, g, keep = self._grad_graph(b, X, T)
                     for j in range(V.shape[1]):
                         out[:, j] += w * torch.autograd.grad(
-                            g, t, V[:, j], retain_graph=j < V.shape[1] - 1)[0]
+                            g, t, V[:, j], retain_graph=keep or j < V.shape[1] - 1)[0]
                 continue
             gfun = grad(lambda t, X=X, T=T: self.batch_loss(t, X, T))
 
@@ -309,6 +329,31 @@ class CurvatureProblem:
             for s in self._chunks(V.shape[1]):
                 out[:, s] += w * vmap(one)(V[:, s].T.contiguous()).T
         return out[:, 0] if vec else out
+
+    def graph_bytes(self) -> int:
+        """Estimated memory of the gradient graphs of all batches kept by :meth:`hvp`: about
+        three float tensors per activation element (saved inputs, outputs and the first
+        backward's intermediates) for each of the n examples, plus 4 p-vectors."""
+        return (3 * self.n * self._activation_elements + 4 * self.p) * self._itemsize
+
+    def _grad_graph(self, b: int, X: torch.Tensor, T: torch.Tensor):
+        """(θ leaf, ∇L_b(θ) with its graph, keep) for batch ``b``.
+
+        With ``cache_graph`` (default: when :meth:`graph_bytes` ≤ ``graph_memory``) the gradient
+        graph of each batch is built once (``create_graph=True``) and kept, so every later
+        Hessian-vector product is one backward pass of ∇L_b·v through it (``retain_graph``), as
+        PyHessian does; otherwise it is rebuilt per call and freed after the last product."""
+        if b in self._graphs:
+            return (*self._graphs[b], True)
+        t = self.theta.detach().requires_grad_(True)
+        g = torch.autograd.grad(self.batch_loss(t, X, T), t, create_graph=True)[0]
+        if self.cache_graph:
+            self._graphs[b] = (t, g)
+        return t, g, self.cache_graph
+
+    def clear_graphs(self) -> None:
+        """Free the cached gradient graphs."""
+        self._graphs.clear()
 
     def _lambda(self, b: int, F: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
         """Λ of batch ``b`` (cached: θ is fixed), shape (N, C, C)."""
@@ -396,13 +441,15 @@ class TorchOperator(LinearOperator):
         return self._matvec(x)
 
 
-def _operator(kind: str, model, X, y, loss, params, batch_size, dtype, device, chunk_size):
+def _operator(kind: str, model, X, y, loss, params, batch_size, dtype, device, chunk_size,
+              cache_graph=None, graph_memory=None):
     tdtype = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}.get(
         np.dtype(dtype))
     if tdtype is None:
         raise KfacboundError("operator dtype must be float64 or float32")
     problem = CurvatureProblem(model, X, y, loss, params, batch_size=batch_size,
-                               chunk_size=chunk_size, dtype=tdtype, device=device)
+                               chunk_size=chunk_size, dtype=tdtype, device=device,
+                               cache_graph=cache_graph, graph_memory=graph_memory)
     apply = problem.hvp if kind == "H" else problem.ggnvp
     return TorchOperator(apply, problem.p, problem, dtype=dtype)
 
@@ -418,9 +465,16 @@ def hessian_operator(
     dtype=np.float64,
     device: str | torch.device | None = None,
     chunk_size: int | None = None,
+    cache_graph: bool | None = None,
+    graph_memory: int | None = None,
 ) -> TorchOperator:
-    """H of the mean loss (θ selected by ``params``) as a p×p ``LinearOperator``."""
-    return _operator("H", model, X, y, loss, params, batch_size, dtype, device, chunk_size)
+    """H of the mean loss (θ selected by ``params``) as a p×p ``LinearOperator``.
+
+    ``cache_graph`` / ``graph_memory``: keep each batch's gradient graph between products
+    (default: when it fits in ``graph_memory`` bytes, GRAPH_MEMORY = 2 GiB; see
+    :class:`CurvatureProblem`). ``op.problem.clear_graphs()`` frees it."""
+    return _operator("H", model, X, y, loss, params, batch_size, dtype, device, chunk_size,
+                     cache_graph, graph_memory)
 
 
 def ggn_operator(
