@@ -28,3 +28,13 @@ def tiny_binary():
     from kfacbound.data import load_dataset
 
     return load_dataset("mnist5k", binary=True, subset=200, downsample=8)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(X, y, w0 model, trained model): the toy one-logit problem of tests/test_certify.py."""
+    from .test_certify import toy_data, toy_model, train
+
+    X, y = toy_data()
+    _, init, model = toy_model()
+    return X, y, init, train(model, X, y)

@@ -81,13 +81,6 @@ def data_factors(model, X, y, loss, method="kflr", **_):
     return out
 
 
-@pytest.fixture(scope="module")
-def trained():
-    X, y = toy_data()
-    spec, init, model = toy_model()
-    return X, y, init, train(model, X, y)
-
-
 @pytest.mark.parametrize("posterior", ["diag", "kfac"])
 def test_certificate_recomputes_independently(trained, posterior, monkeypatch):
     X, y, init, model = trained

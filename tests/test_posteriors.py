@@ -64,6 +64,24 @@ def dense_cov(layer) -> torch.Tensor:
     return U @ torch.diag(s2) @ U.T + float(torch.exp(2 * layer.log_std_perp.detach()[0])) * proj
 
 
+def explicit_network_outputs(Q, x, num: int, seed: int) -> torch.Tensor:
+    """Outputs at ``x`` of ``num`` networks drawn weight by weight (a flat MLP posterior):
+    W̃ = M + one draw of the layer's noise, then the plain forward."""
+    ref = []
+    torch.manual_seed(seed)
+    for _ in range(num):
+        h = x
+        for name in Q.names:
+            blk = Q.blocks[name]
+            if name in Q.layer_paths:
+                W = blk.mean + blk.sample_noise(1)[0]
+                h = F.linear(h, W[:, :-1], W[:, -1])
+            else:
+                h = blk(h)
+        ref.append(float(h))
+    return torch.tensor(ref, dtype=D)
+
+
 def build(kind, model, gen, **kw):
     return build_posterior(model, kind, factors=random_factors(model, gen),
                            eigenbases=random_eigenbases(model, gen, kw.pop("k", None)),
@@ -130,19 +148,7 @@ def test_network_samples_are_per_example_independent():
     torch.manual_seed(5)
     out = Q(x.expand(40000, 3)).reshape(-1)
     # explicit: draw full weights per network
-    ref = []
-    torch.manual_seed(6)
-    for _ in range(2000):
-        h = x
-        for name in Q.names:
-            blk = Q.blocks[name]
-            if name in Q.layer_paths:
-                W = blk.mean + blk.sample_noise(1)[0]
-                h = F.linear(h, W[:, :-1], W[:, -1])
-            else:
-                h = blk(h)
-        ref.append(float(h))
-    ref = torch.tensor(ref, dtype=D)
+    ref = explicit_network_outputs(Q, x, 2000, seed=6)
     assert float(out.mean()) == pytest.approx(float(ref.mean()), abs=4 * float(ref.std()) / 44)
     assert float(out.std()) == pytest.approx(float(ref.std()), rel=0.06)
     # independence: consecutive rows uncorrelated
@@ -312,19 +318,7 @@ def test_repeated_draws_have_the_law_of_independent_networks(kind):
     out = Q.forward_repeated(x.expand(200, 3), 200)  # 200 passes × 200 copies of x
     assert out.shape == (200, 200, 1)
     flat = out.reshape(-1)
-    ref = []
-    torch.manual_seed(9)
-    for _ in range(3000):
-        h = x
-        for name in Q.names:
-            blk = Q.blocks[name]
-            if name in Q.layer_paths:
-                W = blk.mean + blk.sample_noise(1)[0]
-                h = F.linear(h, W[:, :-1], W[:, -1])
-            else:
-                h = blk(h)
-        ref.append(float(h))
-    ref = torch.tensor(ref, dtype=D)
+    ref = explicit_network_outputs(Q, x, 3000, seed=9)
     assert float(flat.mean()) == pytest.approx(float(ref.mean()), abs=4 * float(ref.std()) / 54)
     assert float(flat.std()) == pytest.approx(float(ref.std()), rel=0.06)
     o = out[..., 0]

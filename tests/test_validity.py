@@ -19,7 +19,7 @@ from kfacbound.bounds.posteriors import ExactLayer, KronLayer, build_posterior, 
 from kfacbound.bounds.select import Selection, certify_best
 from kfacbound.errors import KfacboundError
 
-from .test_certify import brentq_kl_inv, data_factors, toy_data, toy_model, train
+from .test_certify import brentq_kl_inv, data_factors
 from .test_posteriors import dense_cov, psd, random_eigenbases, random_factors, small_mlp
 
 D = torch.float64
@@ -44,13 +44,6 @@ def dense_kl(Q, P) -> float:
             w0, covariance_matrix=float(P.lam.detach()) * torch.eye(len(mu), dtype=D))
         ref += float(torch.distributions.kl_divergence(q, p))
     return ref
-
-
-@pytest.fixture(scope="module")
-def trained():
-    X, y = toy_data()
-    _, init, model = toy_model()
-    return X, y, init, train(model, X, y)
 
 
 # ----------------------------------------------------------------------------- sampled = certified
