@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import KfacboundError
+from ..progress import progress_bar
 from .operators import CurvatureProblem
 
 DEFAULT_MAX_PARAMS = 6000
@@ -71,7 +71,8 @@ def _dense_hessian(problem: CurvatureProblem, progress: bool,
     p = problem.p
     H = torch.empty(p, p, dtype=problem.dtype, device=problem.device)
     step = problem.chunk_size
-    for i in tqdm(range(0, p, step), desc="dense Hessian", disable=not progress, leave=False):
+    starts = range(0, p, step)
+    for i in progress_bar(len(starts), "dense Hessian", progress, "chunk", starts, leave=False):
         j = min(p, i + step)
         E = torch.zeros(p, j - i, dtype=problem.dtype, device=problem.device)
         E[torch.arange(i, j), torch.arange(j - i)] = 1.0
@@ -82,7 +83,8 @@ def _dense_hessian(problem: CurvatureProblem, progress: bool,
 def _dense_ggn(problem: CurvatureProblem, progress: bool) -> torch.Tensor:
     p = problem.p
     G = torch.zeros(p, p, dtype=problem.dtype, device=problem.device)
-    for X, T, _ in tqdm(problem.batches(), desc="dense GGN", disable=not progress, leave=False):
+    for X, T, _ in progress_bar(None, "dense GGN", progress, "batch", problem.batches(),
+                                leave=False):
         with torch.no_grad():
             F = problem.forward(problem.theta, X)
         Lam = problem.loss_hessians(F, T).reshape(len(X), problem.num_outputs, -1)

@@ -718,7 +718,7 @@ def compute_kfac(
     dtype = next(model.parameters()).dtype
     batches, total = _batches(data, int(batch_size))
 
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     G_sum: dict[str, torch.Tensor] = {}
     A_sum: dict[str, torch.Tensor] = {}
@@ -735,8 +735,8 @@ def compute_kfac(
             hooks = None
             step = BackpackStepper(model, loss, method, int(mc_samples), layers, bns)
         try:
-            for b, (X, y) in enumerate(tqdm(batches, total=total, desc=f"K-FAC {method}",
-                                            disable=not progress, unit="batch")):
+            for b, (X, y) in enumerate(progress_bar(total, f"K-FAC {method}", progress,
+                                                    "batch", batches)):
                 # Re-seed per batch: BackPACK's AvgPool2d rule draws from the global RNG (it
                 # initialises a ConvTranspose2d), which would desynchronise the two backends.
                 torch.manual_seed(_batch_seed(seed, b))
