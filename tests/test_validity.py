@@ -240,3 +240,19 @@ def test_a_prior_that_saw_the_bound_split_is_refused(trained, monkeypatch):
                               mc_passes=1, init_model=init, prior_split=0.5, progress=False)
     with pytest.raises(KfacboundError, match="partition"):
         cf.check_disjoint(torch.arange(3), torch.arange(4, 10), 10)
+
+
+def test_selection_over_formulas_or_per_candidate_deltas_does_not_share(trained):
+    from kfacbound.bounds.select import shares_prior
+
+    assert not shares_prior({}, [{"formula": "maurer"}, {"formula": "dr"}])
+    X, y, init, model = trained
+    with pytest.raises(KfacboundError, match="total budget"):
+        certify_best(model, TensorDataset(X, y), [{"delta": 0.1}, {}], iterations=1,
+                     init_model=init, progress=False)
+    fake = {"selection": {"m": 2, "shared_prior": True, "rule": "union",
+                          "candidates": [{"options": {"formula": "dr"}}, {"options": {}}]}}
+    cert = cf.certify_checkpoint(model, TensorDataset(X, y), posterior="diag", iterations=2,
+                                 mc_passes=1, init_model=init, progress=False)
+    with pytest.raises(KfacboundError, match="shared prior"):
+        cf.recompute_certificate(dict(json.loads(json.dumps(cert)), **fake))

@@ -73,7 +73,7 @@ from .posteriors import (
     build_prior,
     exact_eigenbasis,
 )
-from .select import Selection
+from .select import Selection, shares_prior
 
 CURVATURES = ("kflr", "kfac")
 OBJECTIVE_TEXT = {
@@ -322,6 +322,10 @@ def recompute_certificate(d: Mapping[str, Any]) -> float:
     d_each, dp_each = delta, delta_prime
     if d.get("selection"):
         sel = d["selection"]
+        if "candidates" in sel and bool(sel["shared_prior"]) and not shares_prior(
+                {}, [c.get("options", {}) for c in sel["candidates"]]):
+            raise KfacboundError("certificate selection claims a shared prior, but its "
+                                 "candidates differ in the prior or the formula")
         d_each, dp_each = Selection.from_json(sel).budgets(delta, delta_prime)
         for key, val in (("delta_each", d_each), ("delta_prime_each", dp_each)):
             if key in sel and not math.isclose(float(sel[key]), val, rel_tol=1e-12):

@@ -68,7 +68,7 @@ class Selection:
 #: Options of certify_checkpoint that change the prior P or the bound set: candidates that differ
 #: in one of them (or use a data-dependent prior at all) do not share a prior.
 PRIOR_KEYS = ("prior_split", "prior_epochs", "prior_scheme", "prior_kind", "c", "b", "init_model",
-              "dataset")
+              "dataset", "formula")  # another formula is another PAC-Bayes inequality (event)
 
 
 def shares_prior(common: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]) -> bool:
@@ -101,6 +101,9 @@ def certify_best(ckpt: Any, dataset: Any = None, candidates: Sequence[Mapping[st
         raise KfacboundError("certify_best needs at least one candidate")
     if "selection" in common:
         raise KfacboundError("certify_best sets the selection itself")
+    if any(k in c for c in candidates for k in ("delta", "delta_prime")):
+        raise KfacboundError("δ and δ′ are the selection's total budget: give them once, not "
+                             "per candidate")
     sel = Selection(m=len(candidates), shared_prior=shares_prior(common, candidates))
     certs = [certify_checkpoint(ckpt, dataset, **{**common, **cand}, selection=sel)
              for cand in candidates]
