@@ -189,6 +189,32 @@ def test_spec_validates_builtin_analysis_options():
         parse_spec("analyses = ['train']")
 
 
+def test_bound_recipe_expands_into_the_job_options():
+    from kfacbound.bounds.certify import RECIPES
+
+    text = """
+seeds = [0]
+datasets = ["digits"]
+architectures = ["T-600"]
+[[analyses]]
+kind = "bound"
+recipe = "best"
+iterations = 7
+[analyses.grid]
+posterior = ["diag", "kfac"]
+"""
+    jobs = [j.config for j in parse_spec(text).jobs if j.kind == "bound"]
+    assert sorted(j["options"]["posterior"] for j in jobs) == ["diag", "kfac"]  # grid wins
+    for job in jobs:
+        opts = job["options"]
+        assert "recipe" not in opts and opts["iterations"] == 7  # explicit options win
+        for key, val in RECIPES["best"].items():
+            if key not in ("posterior", "iterations"):
+                assert opts[key] == val, key
+    with pytest.raises(KfacboundError, match="unknown recipe"):
+        parse_spec(text.replace('"best"', '"fastest"'))
+
+
 # ---------------------------------------------------------------------------- records
 
 

@@ -81,6 +81,11 @@ def test_curvature_prior_certificate_recomputes_and_starts_at_q_equals_p(monkeyp
                                                        iterations=40, **kw)))
     assert cert["kl_terms"]["prior"] == "kron" and cert["tau"] in TAU_GRID
     assert cert["prior"]["kind"] == "curvature"
+    assert sum(r["kl"] for r in cert["kl_layers"]) == pytest.approx(cert["kl"], rel=1e-9)
+    bad_layers = [dict(r) for r in cert["kl_layers"]]
+    bad_layers[0]["pi_r2"] += 1.0
+    with pytest.raises(Exception, match="sum to"):
+        cf.recompute_certificate(dict(cert, kl_layers=bad_layers))
     assert cf.recompute_certificate(cert) == pytest.approx(cert["bound"], abs=1e-12)
     with pytest.raises(Exception, match="τ"):
         cf.recompute_certificate(dict(cert, tau=0.3))

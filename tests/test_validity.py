@@ -256,3 +256,46 @@ def test_selection_over_formulas_or_per_candidate_deltas_does_not_share(trained)
                                  mc_passes=1, init_model=init, progress=False)
     with pytest.raises(KfacboundError, match="shared prior"):
         cf.recompute_certificate(dict(json.loads(json.dumps(cert)), **fake))
+
+
+# ----------------------------------------------------------------------------- per-layer KL
+
+
+def test_per_layer_kl_matches_dense_kl_of_each_layer():
+    """kl_layers (the BatchNorm study's breakdown) against a dense float64 KL per layer."""
+    gen = torch.Generator().manual_seed(7)
+    model, init = small_mlp(0), small_mlp(1)
+    Q = build_posterior(model, "kfac", factors=random_factors(model, gen), std_init=0.05,
+                        dtype=torch.float32)
+    with torch.no_grad():
+        for _, layer in Q.layers():
+            layer.log_std.add_(0.3 * torch.randn(layer.log_std.shape, generator=gen))
+    P = build_prior(Q, init, lam=0.02)
+    rows = cf.layer_kl_terms(Q, P, lam=0.02)
+    assert [r["layer"] for r in rows] == [p for p, _ in Q.layers()]
+    for (path, layer), row in zip(Q.layers(), rows, strict=True):
+        mu = layer.mean.detach().reshape(-1).double()
+        q = torch.distributions.MultivariateNormal(mu, covariance_matrix=dense_cov(layer))
+        p = torch.distributions.MultivariateNormal(
+            P.center(path).reshape(-1).double(),
+            covariance_matrix=0.02 * torch.eye(len(mu), dtype=D))
+        assert row["kl"] == pytest.approx(float(torch.distributions.kl_divergence(q, p)), rel=1e-8)
+    assert sum(r["kl"] for r in rows) == pytest.approx(dense_kl(Q, P), rel=1e-8)
+
+
+def test_recompute_checks_per_layer_kl(trained):
+    X, y, init, model = trained
+    cert = json.loads(json.dumps(cf.certify_checkpoint(
+        model, TensorDataset(X, y), posterior="diag", iterations=5, mc_passes=1, init_model=init,
+        progress=False)))
+    rows = cert["kl_layers"]
+    assert len(rows) >= 2 and sum(r["kl"] for r in rows) == pytest.approx(cert["kl"], rel=1e-9)
+    assert cf.recompute_certificate(cert) == pytest.approx(cert["bound"], abs=1e-12)
+    moved = [dict(r) for r in rows]
+    moved[0]["sq_dist"] += 1.0  # one layer's share changed, the total left alone
+    with pytest.raises(KfacboundError, match="sum to"):
+        cf.recompute_certificate(dict(cert, kl_layers=moved))
+    wrong = [dict(r) for r in rows]
+    wrong[0]["kl"] += 1.0
+    with pytest.raises(KfacboundError, match="layer"):
+        cf.recompute_certificate(dict(cert, kl_layers=wrong))

@@ -7,7 +7,8 @@ the reports read:
 
 - ``bound``: ``bound``, ``kl``, ``snn_train_error`` (the Monte-Carlo error ê_N of the stochastic
   network on the bound set), ``snn_test_error``, ``train_error``, ``test_error``, ``n``,
-  ``mc_samples``, ``mc_error_bound``, ``lambda``, ``j``, ``params``, ``seconds``.
+  ``mc_samples``, ``mc_error_bound``, ``lambda``, ``j``, ``params``, ``seconds``, ``prior_split``,
+  and per layer ``layers.<name>.kl`` / ``.k`` (the certificate's ``kl_layers``).
 - ``curvature``: per layer ``layers.<name>.top_eigenvalue`` (λ_max(G)·λ_max(Ã)), ``trace``
   (tr G · tr Ã), ``dim``; ``top_eigenvalue`` (max over layers).
 - ``structure`` and ``spectra``: whatever :mod:`kfacbound.analysis.structure` /
@@ -95,7 +96,12 @@ def bound_summary(cert: dict[str, Any], artifact: str | None = None) -> dict[str
         "posterior": cert.get("posterior"),
         "params": cert.get("model_params") or cert.get("num_params"),
         "seconds": (cert.get("time_s") or {}).get("total"),
+        "prior_split": (cert.get("prior") or {}).get("split"),
     }
+    layers = {row["layer"]: {"kl": row["kl"], "k": row["k"]}
+              for row in cert.get("kl_layers") or []}
+    if layers:
+        out["layers"] = layers
     if artifact:
         out["certificate"] = artifact
     return out

@@ -51,7 +51,9 @@ class JobKind:
     ``needs``: what it consumes (see :data:`NEEDS`). ``options_from``: optional
     "module:function" whose keyword parameters (minus ``excluded``) are the options this kind
     accepts; when importable, unknown options are rejected at spec time and defaults are filled
-    in, so the job's key covers them.
+    in, so the job's key covers them. ``expand``: optional "module:function" applied to the
+    options first (the bound kind expands ``recipe = "best"`` into the recipe's options, so the
+    key holds the values a recipe stands for, not its name).
     """
 
     name: str
@@ -61,10 +63,13 @@ class JobKind:
     options_from: str | None = None
     excluded: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    expand: str | None = None
 
     def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Options checked against ``options_from`` (plus ``extra``, the adapter's own options
         with their defaults) and completed with their defaults."""
+        if self.expand is not None:
+            options = resolve_entry(self.expand)(dict(options))
         if self.options_from is None:
             return dict(self.extra, **options)
         try:
@@ -100,7 +105,8 @@ JOB_KINDS: dict[str, JobKind] = {}
 def register_job_kind(name: str, entry: str | Callable[..., dict[str, Any]], needs: str = "none",
                       description: str = "", options_from: str | None = None,
                       excluded: tuple[str, ...] = (),
-                      extra: dict[str, Any] | None = None) -> JobKind:
+                      extra: dict[str, Any] | None = None, expand: str | None = None
+                      ) -> JobKind:
     """Register (or replace) a job kind; ``entry`` is "module:function" or a module-level
     function (stored by its import path, so worker processes can import it)."""
     if needs not in NEEDS:
@@ -111,7 +117,8 @@ def register_job_kind(name: str, entry: str | Callable[..., dict[str, Any]], nee
             raise KfacboundError(
                 f"job function {qual} must be a module-level function of an importable module")
         entry = f"{module}:{qual}"
-    kind = JobKind(name, entry, needs, description, options_from, excluded, dict(extra or {}))
+    kind = JobKind(name, entry, needs, description, options_from, excluded, dict(extra or {}),
+                   expand)
     JOB_KINDS[name] = kind
     return kind
 
@@ -269,7 +276,8 @@ register_job_kind("bound", "kfacbound.batch.jobs:run_bound", "checkpoint",
                   "certified PAC-Bayes bound",
                   options_from="kfacbound.bounds.certify:certify_checkpoint",
                   excluded=("ckpt_or_model", "dataset", "progress", "init_model",
-                            "test_dataset", "seed"))
+                            "test_dataset", "seed"),
+                  expand="kfacbound.bounds.certify:expand_recipe")
 register_job_kind("structure", "kfacbound.batch.jobs:run_structure", "checkpoints",
                   "eigenspace overlap across seeds, rank-1 ratio, outliers",
                   options_from="kfacbound.analysis.structure:structure_report",

@@ -116,7 +116,8 @@ class Job:
 
 @dataclass
 class BatchSpec:
-    """A validated spec and its jobs in dependency order (every job after the jobs it needs)."""
+    """A validated spec and its jobs in dependency order (every job after the jobs it needs),
+    grouped by (dataset, architecture) cell in spec order."""
 
     name: str
     jobs: list[Job]
@@ -541,5 +542,22 @@ def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
                 if "file" in member.config["label"]:
                     config["label"] = dict(config["label"], file=member.config["label"]["file"])
                 add(config)
-    return BatchSpec(name=name, jobs=jobs, description=str(raw.get("description", "")),
+    return BatchSpec(name=name, jobs=_cell_major(jobs), description=str(raw.get("description", "")),
                      kinds=kinds)
+
+
+def _cell_major(jobs: list[Job]) -> list[Job]:
+    """Jobs grouped by (dataset, architecture) cell, cells in spec order, the order within a
+    cell kept: a cheap architecture listed first is trained *and* analysed before the next
+    cell's training starts (a long study gives complete cells early). Dependency order holds,
+    since a job needs only checkpoints of its own cell, which come first within it."""
+    first: dict[tuple, int] = {}
+    for job in jobs:
+        label = job.config.get("label") or {}
+        first.setdefault((label.get("dataset"), label.get("arch")), len(first))
+
+    def cell(job: Job) -> int:
+        label = job.config.get("label") or {}
+        return first[(label.get("dataset"), label.get("arch"))]
+
+    return sorted(jobs, key=cell)  # stable

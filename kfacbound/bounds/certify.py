@@ -185,6 +185,57 @@ def round_lambda(posterior: GaussianPosterior, prior: IsotropicPrior
     return best[1], best[2], best[3], terms
 
 
+@torch.no_grad()
+def layer_kl_terms(posterior: GaussianPosterior, prior: IsotropicPrior | KronPrior, lam: float,
+                   tau: float | None = None) -> list[dict[str, Any]]:
+    """Each layer's share of KL(Q‖P) at the certified (λ_j, τ_k), in float64.
+
+    Both priors factorise over layers, so KL = Σ_l KL_l with the same formula per layer: for
+    N(w0, λI), KL_l = ½[(tr Σ_l + ‖μ_l − w0_l‖²)/λ − k_l + k_l ln λ − ln det Σ_l]; for the
+    curvature prior, KL_l = ½[Σ π s² + Σ π R² − k_l − Σ ln π − Σ ln s²] over the layer's
+    entries. Each entry holds the layer's terms (the fields of ``kl_terms``) and ``kl``;
+    :func:`recompute_certificate` checks that they sum to ``kl_terms`` and give each ``kl``.
+    This is the per-layer breakdown the BatchNorm study reads (which layers pay for the bound).
+    """
+    out = []
+    for path, layer in posterior.layers():
+        if isinstance(prior, KronPrior):
+            t = prior.kl_terms([(path, layer)], lam=lam, tau=tau, dtype=torch.float64)
+            terms = {key: (float(v) if key != "k" else int(v)) for key, v in t.items()}
+            kl = float(kl_from_terms(terms))
+        else:
+            mean = layer.mean.to(torch.float64)
+            w0 = prior.center(path)
+            diff = mean if w0 is None else mean - w0.to(torch.float64)
+            v, lv = layer.var_stats(torch.float64)
+            terms = {"sq_dist": float((diff * diff).sum()), "trace_sigma": float(v),
+                     "logdet_sigma": float(lv), "k": int(layer.numel())}
+            kl = float(kl_isotropic_terms(terms["sq_dist"], terms["trace_sigma"],
+                                          terms["logdet_sigma"], terms["k"], lam))
+        out.append({"layer": path, **terms, "kl": kl})
+    return out
+
+
+def _check_layer_kl(d: Mapping[str, Any], lam: float, kron: bool) -> None:
+    """``kl_layers`` must sum to ``kl_terms`` and each entry must give its own ``kl``."""
+    rows = d.get("kl_layers")
+    if not rows or "kl_terms" not in d:
+        return
+    total = d["kl_terms"]
+    for key, val in total.items():
+        if key in ("prior", "tau", "n_prior"):
+            continue
+        s = sum(float(r[key]) for r in rows)
+        if not math.isclose(s, float(val), rel_tol=1e-8, abs_tol=1e-6):
+            raise KfacboundError(f"certificate kl_layers' {key} sum to {s}, not {val}")
+    for r in rows:
+        kl = float(kl_from_terms(r)) if kron else float(kl_isotropic_terms(
+            r["sq_dist"], r["trace_sigma"], r["logdet_sigma"], _integer(r["k"], "k"), lam))
+        if not math.isclose(kl, float(r["kl"]), rel_tol=1e-8, abs_tol=1e-6):
+            raise KfacboundError(f"certificate KL of layer {r['layer']!r} differs from its "
+                                 f"terms ({kl} against {r['kl']})")
+
+
 def certify_posterior(
     posterior: GaussianPosterior,
     prior: IsotropicPrior,
@@ -218,6 +269,7 @@ def certify_posterior(
     else:
         j, lam, kl, kl_terms = round_lambda(posterior, prior)
         tau, penalty = None, grid_penalty(j)
+    kl_layers = layer_kl_terms(posterior, prior, lam, tau)
     wrong, N, ce_sum = mc_draws(posterior, X, y, mc_passes, batch_size, seed, device, progress)
     mc_error = wrong / N
     mc_ub = mc_error_bound(mc_error, N, dp_each)
@@ -231,6 +283,7 @@ def certify_posterior(
         "delta_prime": delta_prime,
         "kl": kl,
         "kl_terms": kl_terms,
+        "kl_layers": kl_layers,
         "j": j,
         "lambda": lam,
         "mc_samples": N,
@@ -267,6 +320,7 @@ def recompute_certificate(d: Mapping[str, Any]) -> float:
     - the stated confidence is not 1 − δ − δ′;
     - ``kl_terms`` (‖μ − w0‖², tr Σ, ln det Σ, k) do not give the stated KL
       ½[(tr Σ + ‖μ − w0‖²)/λ − k + k ln λ − ln det Σ] at λ_j, or k ≠ ``num_params``;
+    - the per-layer ``kl_layers`` do not sum to ``kl_terms`` or do not give their own KLs;
     - n + ``prior.prior_n`` (0 for a data-free prior) ≠ the training-set size recorded in
       ``dataset.size``;
     - a ``selection`` whose per-candidate budgets are not (δ or δ/m, δ′/m) (:mod:`.select`).
@@ -309,6 +363,7 @@ def recompute_certificate(d: Mapping[str, Any]) -> float:
             t["sq_dist"], t["trace_sigma"], t["logdet_sigma"], k, lam))
         if not math.isclose(kl, float(d["kl"]), rel_tol=1e-9, abs_tol=1e-6):
             raise KfacboundError(f"certificate KL {d['kl']} differs from its terms ({kl})")
+        _check_layer_kl(d, lam, kron)
     spec = d.get("dataset")
     size = spec.get("size") if isinstance(spec, Mapping) else None
     if size is not None:
@@ -430,6 +485,16 @@ def apply_recipe(name: str, options: Mapping[str, Any], explicit: set[str] | fro
         raise KfacboundError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     chosen = {k: v for k, v in RECIPES[name].items() if k not in explicit}
     return {**options, **chosen}, chosen
+
+
+def expand_recipe(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with a ``recipe`` entry replaced by the recipe's settings (options given
+    beside it win): what a batch spec's ``recipe = "best"`` means."""
+    options = dict(options)
+    name = options.pop("recipe", None)
+    if name is None:
+        return options
+    return apply_recipe(str(name), options, explicit=set(options))[0]
 
 
 # ----------------------------------------------------------------------------- priors
