@@ -538,3 +538,23 @@ def test_docstring_example_is_a_valid_spec():
     spec = spec_module.expand_spec(raw)
     assert sorted({j.kind for j in spec.jobs}) == ["bound", "train"]
     assert len([j for j in spec.jobs if j.kind == "bound"]) == 2 * 2 * 2  # seeds×bn×posterior
+
+
+def test_the_bn_study_keeps_its_job_keys():
+    """The BatchNorm study runs over several sessions and resumes by job key: a refactor that
+    renames an option or changes a default of train / certify_checkpoint / structure_report
+    would silently rerun it from scratch. Changing these keys must be a deliberate decision
+    (then update them here and say so in results/README.md)."""
+    from pathlib import Path
+
+    from kfacbound.batch.spec import load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "scripts" / "specs" / "bn_study.toml")
+    keys = {(j.kind, j.config["label"]["arch"], j.config.get("seed"),
+             j.config["options"].get("posterior"), j.config["options"].get("max_examples")): j.key
+            for j in spec.jobs}
+    assert len(spec.jobs) == 60
+    assert keys[("train", "mlp-600", 0, None, None)].startswith("a338fc9f791c6aa6")
+    assert keys[("bound", "mlp-600", 0, "diag", None)].startswith("00bf0b4926f738ab")
+    assert keys[("structure", "mlp-600", None, None, 2000)].startswith("80904fb0e973a067")
+    assert keys[("structure", "mlp-600", None, None, 8000)].startswith("335c4c78dd4c9230")
