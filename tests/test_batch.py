@@ -553,7 +553,7 @@ def test_the_bn_study_keeps_its_job_keys():
     keys = {(j.kind, j.config["label"]["arch"], j.config.get("seed"),
              j.config["options"].get("posterior"), j.config["options"].get("max_examples")): j.key
             for j in spec.jobs}
-    assert len(spec.jobs) == 60
+    assert len(spec.jobs) == 66  # 18 trainings, 36 bounds, 12 structure jobs
     assert keys[("train", "mlp-600", 0, None, None)].startswith("a338fc9f791c6aa6")
     assert keys[("bound", "mlp-600", 0, "diag", None)].startswith("00bf0b4926f738ab")
     assert keys[("structure", "mlp-600", None, None, 2000)].startswith("80904fb0e973a067")
