@@ -550,11 +550,11 @@ def test_the_bn_study_keeps_its_job_keys():
     from kfacbound.batch.spec import load_spec
 
     spec = load_spec(Path(__file__).parents[1] / "scripts" / "specs" / "bn_study.toml")
-    keys = {(j.kind, j.config["label"]["arch"], j.config.get("seed"),
+    keys = {(j.kind, j.config["label"]["arch"], j.config["bn"], j.config.get("seed"),
              j.config["options"].get("posterior"), j.config["options"].get("max_examples")): j.key
             for j in spec.jobs}
     assert len(spec.jobs) == 66  # 18 trainings, 36 bounds, 12 structure jobs
-    assert keys[("train", "mlp-600", 0, None, None)].startswith("a338fc9f791c6aa6")
-    assert keys[("bound", "mlp-600", 0, "diag", None)].startswith("00bf0b4926f738ab")
-    assert keys[("structure", "mlp-600", None, None, 2000)].startswith("80904fb0e973a067")
-    assert keys[("structure", "mlp-600", None, None, 8000)].startswith("335c4c78dd4c9230")
+    assert keys[("train", "mlp-600", False, 0, None, None)].startswith("a338fc9f791c6aa6")
+    assert keys[("bound", "mlp-600", False, 0, "diag", None)].startswith("00bf0b4926f738ab")
+    assert keys[("structure", "mlp-600", False, None, None, 2000)].startswith("80904fb0e973a067")
+    assert keys[("structure", "mlp-600", False, None, None, 8000)].startswith("335c4c78dd4c9230")
