@@ -159,3 +159,23 @@ def test_shape_mismatch_errors():
         structure_report([("s", small), ("w", wide)], (X, y), progress=False)
     with pytest.raises(KfacboundError, match="distinct"):
         structure_report([("s", small), ("s", small)], (X, y), progress=False)
+
+
+def test_relative_frobenius_of_kfac_against_dense_hessian():
+    """rel_frobenius = ‖H − G⊗Ã‖_F/‖H‖_F with H from autograd and G⊗Ã formed by torch.kron
+    from the factors here (dense path), and the Rademacher estimate on the Lanczos path."""
+    from kfacbound.curvature.exact import layer_hessian
+
+    model = _mlp(0, activation="tanh")
+    X, y = _data()
+    kfac = compute_kfac(model, (X, y), "ce", "kflr", progress=False)
+    H = layer_hessian(model, X, y, "ce", "fc1").numpy()
+    G, A = kfac["fc1"].G.double(), kfac["fc1"].A.double()
+    K = torch.kron(G, A).numpy()
+    ref = np.linalg.norm(H - K) / np.linalg.norm(H)
+    dense = analyse_model(model, X, y, "ce", k=3, kfac=kfac)["layers"]["fc1"]
+    assert dense["rel_frobenius_method"] == "dense"
+    assert dense["rel_frobenius"] == pytest.approx(ref, rel=1e-8)
+    est = analyse_model(model, X, y, "ce", k=3, kfac=kfac, dense_limit=0)["layers"]["fc1"]
+    assert est["rel_frobenius_method"].startswith("hutchinson")
+    assert est["rel_frobenius"] == pytest.approx(ref, rel=0.5)  # a 10-probe estimate

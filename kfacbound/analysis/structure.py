@@ -48,6 +48,7 @@ from .compare import (
     exact_block,
     kron_top,
     model_loss,
+    relative_frobenius,
     resolve_layers,
 )
 from .spectra import top_outliers
@@ -155,7 +156,10 @@ def analyse_model(
     ``rank1`` (ratio of each exact top eigenvector), ``rank1_kfac`` (same for K-FAC's, 1 up to
     rounding), ``align_A_mean`` (|cos(v₁(Ã), E[ã])|), ``align_exact_mean`` (|cos| of the top
     exact eigenvector's right singular vector with E[ã]), ``outliers_exact``, ``outliers_kfac``,
-    ``overlap_exact_kfac`` (curve 1..k), and (not JSON) ``_V_exact``, ``_V_kfac``.
+    ``overlap_exact_kfac`` (curve 1..k), ``rel_frobenius`` ‖M − G⊗Ã‖_F/‖M‖_F of the exact block
+    M against K-FAC (dense, or estimated with 10 Rademacher probes for Lanczos-sized layers:
+    :func:`kfacbound.analysis.compare.relative_frobenius`) with ``rel_frobenius_method``, and
+    (not JSON) ``_V_exact``, ``_V_kfac``.
     The top max(k, 2(C−1) + 2) eigenvalues are computed so the outlier count can see a gap
     after C − 1; overlaps use the leading k.
     """
@@ -176,7 +180,8 @@ def analyse_model(
         kk = min(int(k), kron.dim)
         blk = exact_block(model, X, y, loss, name, min(k_all, kron.dim), part,
                           dense_limit=dense_limit, batch_size=batch_size, device=device,
-                          tol=tol, seed=seed, dtype=dtype)
+                          tol=tol, seed=seed, dtype=dtype, keep_dense=True)
+        frob = relative_frobenius(blk, kron, probes=10, seed=seed)
         kvals, kvecs, _ = kron_top(kron, min(k_all, kron.dim))
         shape = (kron.out_dim, kron.cols)
         Vex = blk.vectors[:, :kk]
@@ -195,6 +200,8 @@ def analyse_model(
             "outliers_exact": top_outliers(blk.values, k_all, kron.dim),
             "outliers_kfac": top_outliers(kvals, k_all, kron.dim),
             "overlap_exact_kfac": [curve[j] for j in range(1, kk + 1)],
+            "rel_frobenius": None if frob is None else frob["value"],
+            "rel_frobenius_method": None if frob is None else frob["method"],
             "_V_exact": Vex, "_V_kfac": kvecs[:, :kk],
         }
     return {"bn": has_batchnorm(model), "loss": loss, "num_outputs": num_outputs,
@@ -354,6 +361,7 @@ def summarise(report: dict[str, Any]) -> list[dict[str, Any]]:
             row["overlap1_kfac"] = mean([p["kfac"][0] for p in pr])
             row["overlap_exact_kfac"] = mean([x["overlap_exact_kfac"][k - 1] for x in lay
                                               if len(x["overlap_exact_kfac"]) >= k > 0])
+            row["rel_frobenius"] = mean([x.get("rel_frobenius") for x in lay])
             row["rank1_top"] = mean([x["rank1"][0] for x in lay])
             row["rank1_mean"] = mean([float(np.mean(x["rank1"])) for x in lay])
             row["align_A_mean"] = mean([x["align_A_mean"] for x in lay])
@@ -367,7 +375,7 @@ def summarise(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 SUMMARY_COLUMNS = ("group", "layer", "dim", "models", "pairs", "k", "overlap_exact",
                    "overlap_kfac", "overlap1_exact", "overlap1_kfac", "random_overlap",
-                   "overlap_exact_kfac", "rank1_top", "rank1_mean", "align_A_mean",
+                   "overlap_exact_kfac", "rel_frobenius", "rank1_top", "rank1_mean", "align_A_mean",
                    "align_exact_mean", "outliers_exact", "outliers_kfac", "expected_outliers")
 
 
