@@ -9,6 +9,7 @@ On CPU the same seed and thread count give bitwise-identical weights.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,11 @@ from .losses import check_loss, default_loss, make_loss, prepare_targets, zero_o
 from .models import build_model, resolve_spec
 from .progress import progress_bar
 
+#: Learning-rate schedules: "constant" (Dziugaite & Roy) or "cosine", lr·½(1 + cos(π t/T)) at
+#: step t of T (Loshchilov & Hutter 2017, without restarts): the rate reaches ≈ 0 in the last
+#: epoch, so a fixed epoch budget ends on a plateau of the training loss.
+SCHEDULES = ("constant", "cosine")
+
 
 @dataclass
 class TrainConfig:
@@ -38,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     loss: str | None = None
     device: str = "cpu"
+    schedule: str = "constant"
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -93,6 +100,9 @@ def train_model(
     config = config or TrainConfig()
     if config.epochs < 0 or config.batch_size < 1 or config.lr <= 0:
         raise KfacboundError("epochs must be >= 0, batch size >= 1 and lr > 0")
+    if config.schedule not in SCHEDULES:
+        raise KfacboundError(f"unknown schedule {config.schedule!r}; choose from "
+                             f"{', '.join(SCHEDULES)}")
     loss = check_loss(config.loss or default_loss(train_data.num_outputs))
     config = TrainConfig(**{**asdict(config), "loss": loss})
     spec = resolve_spec(arch, train_data.input_shape, train_data.num_outputs, **spec_overrides)
@@ -106,6 +116,11 @@ def train_model(
     gen = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, generator=gen,
                         drop_last=False)
+    total_steps = max(config.epochs * len(loader), 1)
+    sched = None
+    if config.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps)))
     meta_common = {"dataset": train_data.spec, "loss": loss, "training": asdict(config)}
     history: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -126,6 +141,8 @@ def train_model(
                 )
             batch_loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             running += float(batch_loss.detach()) * len(y)
             seen += len(y)
             bar.update(1)

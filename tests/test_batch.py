@@ -554,7 +554,33 @@ def test_the_bn_study_keeps_its_job_keys():
              j.config["options"].get("posterior"), j.config["options"].get("max_examples")): j.key
             for j in spec.jobs}
     assert len(spec.jobs) == 66  # 18 trainings, 36 bounds, 12 structure jobs
-    assert keys[("train", "mlp-600", False, 0, None, None)].startswith("a338fc9f791c6aa6")
-    assert keys[("bound", "mlp-600", False, 0, "diag", None)].startswith("00bf0b4926f738ab")
-    assert keys[("structure", "mlp-600", False, None, None, 2000)].startswith("80904fb0e973a067")
-    assert keys[("structure", "mlp-600", False, None, None, 8000)].startswith("335c4c78dd4c9230")
+    assert keys[("train", "mlp-600", False, 0, None, None)].startswith("1889ff8d889e0cf2")
+    assert keys[("bound", "mlp-600", False, 0, "diag", None)].startswith("8b65e0328969cd9c")
+    assert keys[("structure", "mlp-600", False, None, None, 2000)].startswith("176a3abb383aff63")
+    assert keys[("structure", "mlp-600", False, None, None, 8000)].startswith("9e6fe5cf19aa2ca5")
+
+
+def test_architecture_train_overrides_and_key_neutral_schedule():
+    text = """
+seeds = [0]
+datasets = ["digits"]
+[[architectures]]
+arch = "fc"
+widths = [8]
+train = { epochs = 3, schedule = "cosine" }
+[[architectures]]
+arch = "fc"
+widths = [4]
+[train]
+epochs = 2
+"""
+    trains = [j.config for j in parse_spec(text).jobs if j.kind == "train"]
+    by_label = {c["label"]["arch"]: c for c in trains}
+    assert by_label["fc-8"]["options"]["epochs"] == 3
+    assert by_label["fc-8"]["options"]["schedule"] == "cosine"
+    assert "_train" not in by_label["fc-8"]["arch"]
+    # the constant schedule (the behaviour before the field existed) is left out of the key
+    assert by_label["fc-4"]["options"]["epochs"] == 2
+    assert "schedule" not in by_label["fc-4"]["options"]
+    with pytest.raises(KfacboundError, match="schedule"):
+        parse_spec(text.replace('"cosine"', '"linear"'))

@@ -36,3 +36,36 @@ def test_training_learns_and_metrics_are_right(tmp_path):
     ckpt = load_checkpoint(tmp_path / "m.kfb")
     assert ckpt.meta["training"]["epochs"] == 8 and ckpt.loss == "bce"
     torch.testing.assert_close(ckpt.init_model.fc1.weight, init.fc1.weight)
+
+
+def test_cosine_schedule_matches_a_hand_written_loop(tiny_binary):
+    """schedule='cosine' against SGD written out here with lr_t = lr·½(1 + cos(π t/T))."""
+    import copy
+    import math
+
+    from torch.utils.data import DataLoader
+
+    cfg = TrainConfig(epochs=2, seed=5, batch_size=50, lr=0.05, schedule="cosine")
+    model, init, _ = train_model("fc", tiny_binary, config=cfg, progress=False, widths=[8])
+    ref = copy.deepcopy(init).train()
+    loader = DataLoader(tiny_binary, batch_size=50, shuffle=True,
+                        generator=torch.Generator().manual_seed(5))
+    T = 2 * len(loader)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    t = 0
+    for _ in range(2):
+        for X, y in loader:
+            for group in opt.param_groups:
+                group["lr"] = 0.05 * 0.5 * (1 + math.cos(math.pi * t / T))
+            opt.zero_grad()
+            out = ref(X)
+            torch.nn.functional.binary_cross_entropy_with_logits(
+                out[:, 0], y.to(out.dtype)).backward()
+            opt.step()
+            t += 1
+    for (_, pa), (_, pb) in zip(model.state_dict().items(), ref.state_dict().items(),
+                                strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    const, _, _ = train_model("fc", tiny_binary, config=TrainConfig(
+        epochs=2, seed=5, batch_size=50, lr=0.05), progress=False, widths=[8])
+    assert not torch.allclose(const.fc1.weight, model.fc1.weight)

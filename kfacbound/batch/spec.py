@@ -30,6 +30,7 @@ Format (every key optional unless marked; unknown keys are errors)::
     label = "fc32"                 # optional column label (not hashed)
     widths = [32]                  # every other key goes to kfacbound.models.resolve_spec;
                                    # "bn" is not allowed here: use the top-level bn list
+    train = { epochs = 40 }        # optional: this network's [train] fields over [train]
 
     [train]                        # kfacbound.train.TrainConfig fields except seed
     epochs = 5                     # (the seed comes from `seeds`)
@@ -271,6 +272,7 @@ def _architectures(raw: dict[str, Any], where: str) -> list[tuple[dict[str, Any]
             if key in entry:
                 raise KfacboundError(f"{here}: {key!r} comes from the dataset; remove it")
         label = entry.pop("label", None)
+        train = entry.pop("train", None)
         try:
             spec = resolve_spec(entry, input_shape=_placeholder_shape(entry), num_outputs=2)
         except KfacboundError as exc:
@@ -283,6 +285,10 @@ def _architectures(raw: dict[str, Any], where: str) -> list[tuple[dict[str, Any]
         spec.pop("num_outputs")
         if label is None:
             label = spec.get("alias") or _auto_label(spec)
+        if train is not None:
+            if not isinstance(train, dict):
+                raise KfacboundError(f"{here}: train must be a table of TrainConfig fields")
+            spec["_train"] = train  # popped again when the train jobs are made
         out.append((spec, str(label)))
     labels = [lab for _, lab in out]
     if len(set(labels)) != len(labels):
@@ -298,14 +304,24 @@ def _auto_label(spec: dict[str, Any]) -> str:
     return spec["arch"]
 
 
-def _train_options(raw: dict[str, Any], where: str) -> dict[str, Any]:
+#: TrainConfig fields added after studies were run, at the default that reproduces the old
+#: behaviour: left out of a train job's options (and so of its key) at that value, so that a
+#: study made before the field existed still resumes.
+KEY_NEUTRAL_TRAIN_DEFAULTS = {"schedule": "constant"}
+
+
+def _train_options(raw: dict[str, Any], where: str,
+                   override: dict[str, Any] | None = None) -> dict[str, Any]:
+    """[train] (with an architecture's own ``train = {...}`` table over it), validated and
+    completed with TrainConfig's defaults."""
     from dataclasses import asdict
 
-    from ..train import TrainConfig
+    from ..train import SCHEDULES, TrainConfig
 
     table = raw.get("train", {})
     if not isinstance(table, dict):
         raise _fail(where, "[train] must be a table of TrainConfig fields")
+    table = dict(table, **(override or {}))
     defaults = asdict(TrainConfig())
     allowed = [k for k in defaults if k != "seed"]
     if "seed" in table:
@@ -313,6 +329,11 @@ def _train_options(raw: dict[str, Any], where: str) -> dict[str, Any]:
     _check_keys(table, allowed, f"{where}: [train]")
     options = {k: v for k, v in defaults.items() if k != "seed"}
     options.update(table)
+    if options["schedule"] not in SCHEDULES:
+        raise _fail(where, f"[train] schedule must be one of {', '.join(SCHEDULES)}")
+    for key, neutral in KEY_NEUTRAL_TRAIN_DEFAULTS.items():
+        if options.get(key) == neutral:
+            del options[key]
     for key in ("epochs", "batch_size"):
         if isinstance(options[key], bool) or not isinstance(options[key], int):
             raise _fail(where, f"[train] {key} must be an integer")
@@ -495,13 +516,17 @@ def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
     if train_options is not None:
         for (ds, ds_label), (arch, arch_label), bn, seed in itertools.product(
                 datasets, archs, bns, seeds):
+            arch = dict(arch)
+            override = arch.pop("_train", None)
+            options = train_options if override is None else _train_options(
+                raw, f"{where}: architecture {arch_label!r}", override)
             producers.append(add({
                 "kind": "train",
                 "dataset": ds,
                 "arch": dict(arch, bn=bn),
                 "bn": bn,
                 "seed": seed,
-                "options": dict(train_options),
+                "options": dict(options),
                 "label": {"dataset": ds_label, "arch": arch_label},
             }))
     producers += [add(config) for config in imports]
@@ -523,7 +548,8 @@ def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
             for (ds, ds_label), (arch, arch_label), bn, seed in itertools.product(
                     ds_axis, arch_axis, bns, seeds):
                 add({"kind": kind, "dataset": ds,
-                     "arch": None if arch is None else dict(arch, bn=bn), "bn": bn,
+                     "arch": None if arch is None else dict(
+                         {k: v for k, v in arch.items() if k != "_train"}, bn=bn), "bn": bn,
                      "seed": seed, "options": copy.deepcopy(options),
                      "label": {"dataset": ds_label, "arch": arch_label}})
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..models import ACTIVATIONS, INITS, POOLS
-from ..train import TrainConfig, train_model
+from ..train import SCHEDULES, TrainConfig, train_model
 from .common import (
     dataset_from_options,
     dataset_options,
@@ -47,6 +47,9 @@ def _widths(value: str | None) -> list[int] | None:
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--batch-size", type=int, default=100, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="constant", show_default=True,
+              help="Learning rate: constant, or cosine decay to 0 over the run (ends on a "
+                   "plateau of the training loss).")
 @click.option("--loss", type=click.Choice(["ce", "bce", "mse"]), default=None,
               help="Default: bce for binary data (one logit), ce otherwise.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -59,7 +62,8 @@ def _widths(value: str | None) -> list[int] | None:
 @with_dataset
 def command(data_opts, arch, widths, channels, kernel, pool, activation, bias, bn, init, epochs,
             lr, momentum,
-            batch_size, weight_decay, loss, seed, save_every, device, progress, out) -> None:
+            batch_size, weight_decay, schedule, loss, seed, save_every, device, progress,
+            out) -> None:
     """Train ARCH on a dataset with SGD + momentum (Dziugaite & Roy's defaults).
 
     \b
@@ -74,7 +78,8 @@ def command(data_opts, arch, widths, channels, kernel, pool, activation, bias, b
     train = dataset_from_options(data_opts, "train")
     test = dataset_from_options(data_opts, "test")
     config = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, batch_size=batch_size,
-                         weight_decay=weight_decay, seed=seed, loss=loss, device=device)
+                         weight_decay=weight_decay, seed=seed, loss=loss, device=device,
+                         schedule=schedule)
     channels_list = _widths(channels)
     _, _, metrics = train_model(
         arch, train, test, config, out=out, save_every=save_every, progress=progress,
