@@ -150,3 +150,30 @@ def test_spectra_and_compare_on_real_batch(finished, tmp_path):
             assert res["layers"][row["layer"]]["top_eigenvalue"] == row["top"]
     report = compare_batch(out, tmp_path / "r").read_text()
     assert "| digits | fc-4 | fc1 |" in report and "| digits | fc-4 | - | mean |" in report
+
+
+def test_study_page_aggregates_the_records(finished, tmp_path):
+    """The study page's tables against the records and artifacts, aggregated here."""
+    from kfacbound.batch.study import study_page
+
+    _, out, _ = finished
+    page = study_page(out, tmp_path / "study")
+    text = page.read_text()
+    for section in ("1. Training", "2. Certified bounds", "3. Per-layer KL",
+                    "4. Dissecting-Hessian claims", "5. Cost"):
+        assert section in text
+    data = json.loads((tmp_path / "study" / "study.json").read_text())
+    recs = [r for r in latest_records(out / "results.jsonl").values() if r["kind"] == "bound"]
+    for bn, side in ((False, "no BN"), (True, "BN")):
+        mine = [r["result"] for r in recs if r["config"]["bn"] == bn]
+        vals = [x["bound"] for x in mine]
+        row = next(r for r in data["bounds"] if r["BN"] == side)
+        assert row["seeds"] == len(vals) == 2
+        m, sd = np.mean(vals), np.std(vals, ddof=1)
+        assert row["bound"] == f"{m:.3g} ± {sd:.2g} (n=2)"
+        for x in mine:  # the per-layer KLs of a record add up to its KL
+            assert sum(v["kl"] for v in x["layers"].values()) == pytest.approx(x["kl"], rel=1e-9)
+    claims = {r["claim"] for r in data["claims"]}
+    assert {"overlap", "rank1", "alignment", "outliers", "kfac", "bn_overlap"} <= claims
+    assert (tmp_path / "study" / "overlap.png").exists()
+    assert (tmp_path / "study" / "training.png").exists()

@@ -37,7 +37,9 @@ def command(checkpoints: tuple[str, ...], batch_dir: str | None, out: str, poste
     one markdown page OUT/report.md.
 
     Either CHECKPOINTS (bound and structure analyses run now, cached in OUT/batch so a rerun is
-    instant) or --batch DIR (numbers taken from a finished batch).
+    instant) or --batch DIR (numbers taken from a batch, finished or not). With --batch, also
+    OUT/study.md: the study page (training plateau, bounds and per-layer KL with seed spread,
+    the Dissecting-Hessian claims with verdicts, cost; see kfacbound.batch.study).
 
     Examples: kfacbound compare --batch smoke-out -o bn-report;
     kfacbound compare a.kfb a_bn.kfb --iterations 2000 -o bn-report
@@ -47,7 +49,10 @@ def command(checkpoints: tuple[str, ...], batch_dir: str | None, out: str, poste
     if bool(checkpoints) == bool(batch_dir):
         raise KfacboundError("give either checkpoint files or --batch DIR (not both)")
     if batch_dir:
+        from ..batch.study import study_page
+
         path = compare_batch(batch_dir, out)
+        click.echo(str(study_page(batch_dir, out)))
     else:
         bound = {"posterior": posterior}
         if iterations is not None:
