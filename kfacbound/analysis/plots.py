@@ -176,6 +176,43 @@ def plot_spectra_metrics(rows: Sequence[dict[str, Any]], path: str | Path,
     return save_figure(fig, path, "layer Hessian spectra over training")
 
 
+def plot_spectra_runs(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path,
+                      metrics: Sequence[str] = ("top", "effective_rank", "negative_mass")
+                      ) -> Path:
+    """Several training runs side by side: one row of panels per layer position (first and
+    last layer of each run), one panel per metric against epoch with a line per run, and a last
+    column with each run's generalisation gap (test − train 0-1 error)."""
+    positions = ("first", "last")
+    fig, axes = subplots_grid(len(positions) * (len(metrics) + 1), ncols=len(metrics) + 1,
+                              size=(3.6, 2.8))
+    for row_i, pos in enumerate(positions):
+        for col, metric in enumerate(list(metrics) + ["gap"]):
+            ax = axes[row_i * (len(metrics) + 1) + col]
+            for run, rows in runs.items():
+                layers = list(dict.fromkeys(r["layer"] for r in rows))
+                layer = layers[0] if pos == "first" else layers[-1]
+                mine = [r for r in rows if r["layer"] == layer]
+                if metric == "gap":
+                    pts = [(r["epoch"], r["test_error"] - r["train_error"]) for r in mine
+                           if r.get("test_error") is not None and r.get("train_error") is not None]
+                else:
+                    pts = [(r["epoch"], r[metric]) for r in mine
+                           if r.get(metric) is not None and not _isnan(r[metric])]
+                if pts:
+                    e, v = zip(*pts, strict=False)
+                    ax.plot(e, v, "o-", ms=2, label=run)
+            if metric in _LOG_METRICS:
+                ax.set_yscale("log")
+            title = "test − train error" if metric == "gap" else _METRIC_LABELS.get(metric,
+                                                                                    metric)
+            ax.set_title(f"{title} ({pos} layer)" if metric != "gap" else title, fontsize=8)
+            ax.set_xlabel("epoch", fontsize=7)
+            ax.tick_params(labelsize=6)
+            if col == 0:
+                ax.legend(fontsize=6)
+    return save_figure(fig, path, "layer Hessian diagnostics over training")
+
+
 def plot_densities(densities: Sequence[dict[str, Any]], path: str | Path, layer: str) -> Path:
     """Spectral densities of one layer, one curve per checkpoint coloured by epoch (symlog x)."""
     plt = _plt()
