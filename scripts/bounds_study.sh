@@ -8,7 +8,9 @@
 # mnist5k_binary, mnist5k_binary_random, fashion_10class, fashion_10class_prior (data-dependent
 # prior, half the training set), mnist5k_10class, mnist5k_10class_prior, three_posteriors (8×8
 # MNIST-5k, one hidden layer of 100: diagonal, K-FAC and exact-Hessian eigenbasis),
-# fashion_binary_t600_ablation (K-FAC posterior with a 10× slower learning rate for the means).
+# fashion_binary_t600_ablation (K-FAC posterior with a 10× slower learning rate for the means);
+# issue 10's best recipe: fashion_binary_best, mnist5k_binary_best, mnist5k_10class_best (10-class
+# Fashion-MNIST with the best recipe, MLP and LeNet-5, 3 seeds: results/bn_study).
 # Threads: OMP_NUM_THREADS (default 2). Device: DEVICE (default cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,11 +35,20 @@ table() {
                              --variants kfac,mean_lr=1e-4 ;;
     three_posteriors)      run "mnist5k_8x8_fc100_three_posteriors_20k" --dataset mnist5k --binary \
                              --downsample 8 --nets fc:100 --variants diag kfac exact ;;
+    # issue 10: the best recipe (learnt prior on half the data, PBB scheme, fast optimiser),
+    # the same recipe on every dataset (not tuned per dataset)
+    fashion_binary_best)   run "$1" --dataset fashion-mnist --binary --nets T-600 --recipe best \
+                             --variants diag kfac ;;
+    mnist5k_binary_best)   run "$1" --dataset mnist5k --binary --nets T-600 --recipe best \
+                             --variants diag kfac ;;
+    mnist5k_10class_best)  run "$1" --dataset mnist5k --nets T-600 --recipe best \
+                             --variants diag kfac kfac,prior_kind=curvature ;;
     *) echo "unknown table $1" >&2; return 2 ;;
   esac
 }
 TABLES=("$@")
 [ ${#TABLES[@]} -gt 0 ] || TABLES=(fashion_binary fashion_binary_random mnist5k_binary
   mnist5k_binary_random fashion_10class fashion_10class_prior mnist5k_10class
-  mnist5k_10class_prior three_posteriors)
+  mnist5k_10class_prior three_posteriors fashion_binary_best mnist5k_binary_best
+  mnist5k_10class_best)
 for t in "${TABLES[@]}"; do table "$t"; done
