@@ -188,7 +188,8 @@ def table(rows: list[dict], args) -> str:
     prior = r0.get("prior") or {}
     opt = r0.get("optimizer") or {}
     prior_text = (f"learnt ({prior.get('scheme', 'pbb')} scheme, split {prior.get('split')}, "
-                  f"{prior.get('prior_epochs')} epochs)" if prior.get("split") else "data-free (w0)")
+                  f"{prior.get('prior_epochs')} epochs)" if prior.get("split")
+                  else "data-free (w0)")
     head = (f"Command: `{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}, device "
             f"{args.device}, torch {torch.__version__}).\n\n"
             f"Dataset {args.dataset}{' (binary)' if args.binary else ''}, "
