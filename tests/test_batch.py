@@ -553,7 +553,7 @@ def test_the_bn_study_keeps_its_job_keys():
     keys = {(j.kind, j.config["label"]["arch"], j.config["bn"], j.config.get("seed"),
              j.config["options"].get("posterior"), j.config["options"].get("max_examples")): j.key
             for j in spec.jobs}
-    assert len(spec.jobs) == 66  # 18 trainings, 36 bounds, 12 structure jobs
+    assert len(spec.jobs) == 84  # 18 trainings, 54 bounds, 12 structure jobs
     assert keys[("train", "mlp-600", False, 0, None, None)].startswith("1889ff8d889e0cf2")
     assert keys[("bound", "mlp-600", False, 0, "diag", None)].startswith("8b65e0328969cd9c")
     assert keys[("structure", "mlp-600", False, None, None, 2000)].startswith("176a3abb383aff63")

@@ -299,3 +299,44 @@ def test_recompute_checks_per_layer_kl(trained):
     wrong[0]["kl"] += 1.0
     with pytest.raises(KfacboundError, match="layer"):
         cf.recompute_certificate(dict(cert, kl_layers=wrong))
+
+
+def test_learnt_prior_of_a_batchnorm_network_trains_with_its_batchnorm(monkeypatch):
+    """The prior mean of a BN network is ERM of that BN network on the prior split (train-mode
+    BN), folded afterwards; folding first would train a BN-free network. Checked against the
+    same SGD run here on the unfolded network and folded with an independent formula."""
+    from kfacbound.models import build_model, resolve_spec
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(120, 6, generator=g)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).long() + (X[:, 2] > 1).long()
+    spec = resolve_spec({"arch": "fc", "widths": [5], "bn": True}, input_shape=[6], num_outputs=3)
+    init = build_model(spec, seed=0)
+    model = build_model(spec, seed=1)
+    seen = []
+    real = cf.train_prior_mean
+
+    def spy(net, *a, **k):
+        seen.append(any(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules()))
+        out = real(net, *a, **k)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(cf, "train_prior_mean", spy)
+    cert = cf.certify_checkpoint(model, TensorDataset(X, y), posterior="diag", iterations=0,
+                                 mc_passes=1, init_model=init, prior_split=0.5, prior_epochs=2,
+                                 loss="ce", progress=False)
+    assert seen[0] is True  # the network that trained had its BatchNorm
+    assert "BatchNorm" in cert["prior"]["data"]["prior_mean"]
+    trained_bn = seen[1].eval()
+    # fold by hand: W' = diag(s) W, b' = s (b − μ) + β with s = γ/√(σ² + ε)
+    lin, bn = trained_bn.fc1, trained_bn.bn1
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    W = (s[:, None] * lin.weight).detach()
+    b = (s * (lin.bias - bn.running_mean) + bn.bias).detach()
+    # PBB scheme, no steps: Q's mean is the folded prior mean, so ‖μ − w_p‖² = 0 and the folded
+    # first layer computes the BN network's eval-mode function
+    assert cert["kl_terms"]["sq_dist"] == 0.0
+    with torch.no_grad():
+        ref = trained_bn.bn1(trained_bn.fc1(X))
+    torch.testing.assert_close(X @ W.T + b, ref, rtol=1e-5, atol=1e-5)

@@ -660,7 +660,12 @@ def certify_checkpoint(
     X, y = _tensors(train_ds)
     data_spec = dict(data_spec) if isinstance(data_spec, Mapping) else {}
     data_spec["size"] = len(X)  # the training set as given, before any prior split
-    if has_batchnorm(model):
+    # A learnt prior mean trains as the network itself (with its BatchNorm layers, in train
+    # mode on the prior split) and is folded afterwards: folding first would train a network
+    # without BN, and a BN study would compare two BN-free priors.
+    prior_net = init_model
+    bn_net = has_batchnorm(model)
+    if bn_net:
         model = fold_batchnorm(model)
         if init_model is not None:
             init_model = fold_batchnorm(init_model)
@@ -697,8 +702,10 @@ def certify_checkpoint(
         Xp, yp = X[idx_p], y[idx_p]
         X_all, y_all = X, y
         X, y = X[idx_b], y[idx_b]
-        init_model = train_prior_mean(init_model, Xp, yp, loss, epochs=prior_epochs, seed=seed,
+        init_model = train_prior_mean(prior_net, Xp, yp, loss, epochs=prior_epochs, seed=seed,
                                       device=device, progress=progress).cpu()
+        if has_batchnorm(init_model):  # eval-mode BN with the prior split's running statistics
+            init_model = fold_batchnorm(init_model)
         if prior_scheme == "pbb":
             model = copy.deepcopy(init_model).eval()
             X_post, y_post = X_all, y_all
@@ -714,7 +721,9 @@ def certify_checkpoint(
                  else "bound split")
     prior_info["data"] = {
         "prior_mean": (f"prior split only ({prior_info['prior_n']} examples, "
-                       f"{prior_epochs} epochs SGD from w0)" if prior_split is not None
+                       f"{prior_epochs} epochs SGD from w0"
+                       + (", trained with its BatchNorm layers, then folded" if bn_net else "")
+                       + ")" if prior_split is not None
                        else "none (data-free: initial weights w0)" if init_model is not None
                        else "none (zero)"),
         "prior_variance": "grid λ_j = c·exp(−j/b), union bound over j (may use any data)",
