@@ -325,6 +325,14 @@ def _table(rows: list[dict[str, Any]], empty: str) -> list[str]:
     return [markdown_table(rows, list(dict.fromkeys(c for r in rows for c in r))), ""]
 
 
+def _section(title: str, text: str, rows: list[dict[str, Any]], empty: str,
+             figure: str | None) -> list[str]:
+    out = [f"## {title}", "", text, ""] + _table(rows, empty)
+    if figure:
+        out += [f"![{title}]({figure})", ""]
+    return out
+
+
 def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None = None) -> Path:
     """Write ``report_dir/study.md`` (+ CSVs, ``study.json`` and PNGs); return its path."""
     batch_dir, out = Path(batch_dir), Path(report_dir)
@@ -363,36 +371,31 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
     if missing:
         parts += ["This page shows a partial study: rerunning the batch command resumes it and "
                   "this page is regenerated from whatever has finished.", ""]
-    parts += ["## 1. Training (convergence)", "",
-              f"Mean ± sd over seeds. Plateau evidence: the relative change of the training "
-              f"loss over the last {PLATEAU_EPOCHS} epochs (near 0: converged under the "
-              "budget).", ""]
-    parts += _table(train, "(no finished training)")
-    if figs["training"]:
-        parts += ["![training](training.png)", ""]
-    parts += ["## 2. Certified bounds", "",
-              "Mean ± sd over seeds; 0-1 error bounds at confidence 1 − δ − δ′ (δ = 0.025, "
-              "δ′ = 0.01). BN networks are certified in their deployed form (eval-mode BN folded "
-              "into the preceding layer). Every certificate is in `artifacts/` and recomputes "
-              "from its JSON (`kfacbound.bounds.certify.recompute_certificate`).", ""]
-    parts += _table(bounds, "(no finished bound jobs)")
-    if figs["bounds"]:
-        parts += ["![bounds](bounds.png)", ""]
-    parts += ["## 3. Per-layer KL: which layers pay for the bound", "",
-              "KL(Q‖P) = Σ over layers; each layer's KL (mean ± sd over seeds), its share of the "
-              "total and KL per parameter, without and with BN.", ""]
-    parts += _table(kl_layers, "(no certificates with per-layer KL)")
-    if figs["kl"]:
-        parts += ["![per-layer KL](kl_layers.png)", ""]
-    parts += ["## 4. Dissecting-Hessian claims", "",
-              "Verdict rules are fixed in `kfacbound/analysis/claims.py` (module docstring). "
-              "Overlaps are between networks trained with different seeds (mean ± sd over seed "
-              "pairs); per-network quantities are mean ± sd over networks.", ""]
+    parts += _section(
+        "1. Training (convergence)",
+        f"Mean ± sd over seeds. Plateau evidence: the relative change of the training loss over "
+        f"the last {PLATEAU_EPOCHS} epochs (near 0: converged under the budget).",
+        train, "(no finished training)", figs["training"] and "training.png")
+    parts += _section(
+        "2. Certified bounds",
+        "Mean ± sd over seeds; 0-1 error bounds at confidence 1 − δ − δ′ (δ = 0.025, "
+        "δ′ = 0.01). BN networks are certified in their deployed form (eval-mode BN folded into "
+        "the preceding layer). Every certificate is in `artifacts/` and recomputes from its JSON "
+        "(`kfacbound.bounds.certify.recompute_certificate`).",
+        bounds, "(no finished bound jobs)", figs["bounds"] and "bounds.png")
+    parts += _section(
+        "3. Per-layer KL: which layers pay for the bound",
+        "KL(Q‖P) = Σ over layers; each layer's KL (mean ± sd over seeds), its share of the "
+        "total and KL per parameter, without and with BN.",
+        kl_layers, "(no certificates with per-layer KL)", figs["kl"] and "kl_layers.png")
+    parts += _section(
+        "4. Dissecting-Hessian claims",
+        "Verdict rules are fixed in `kfacbound/analysis/claims.py` (module docstring). Overlaps "
+        "are between networks trained with different seeds (mean ± sd over seed pairs); "
+        "per-network quantities are mean ± sd over networks. Summary first, then per layer.",
+        summary, "(no finished structure jobs)", None)
     if claims:
-        parts += ["### Summary", ""] + _table(summary, "")
-        parts += ["### Per layer", ""] + _table(claims, "")
-    else:
-        parts += ["(no finished structure jobs)", ""]
+        parts += _table(claims, "")
     if figs["overlap"]:
         parts += ["![overlap](overlap.png)", ""]
     parts += ["## 5. Cost", ""] + _table(cost, "(no records)")
