@@ -155,9 +155,8 @@ def test_the_package_has_no_import_cycles():
 
 
 def test_batch_imports_each_other_at_module_level_only():
-    """Within kfacbound.batch no import hides inside a function: the layering (records → jobs →
-    adapters, spec, execute → executors, report → runner → compare) is visible at the top of each
-    file."""
+    """Within kfacbound.batch no import hides inside a function: the layering (see
+    test_batch_modules_are_layered) is visible at the top of each file."""
     modules = _modules()
     hidden = []
     for module, (path, is_package) in modules.items():
@@ -181,3 +180,19 @@ def test_allowed_cycles_still_exist(entry):
     the allowance is removed rather than left to hide a new loop."""
     if not any(_allowed_by(c) == entry for c in cycles(import_graph())):
         pytest.skip(f"no import cycle left in {entry}: remove it from ALLOWED_CYCLES")
+
+
+BATCH_LAYERS = ["records", "jobs", "adapters", "spec", "execute", "executors", "report", "runner",
+                "compare"]
+
+
+def test_batch_modules_are_layered():
+    """Each module of kfacbound.batch imports only batch modules listed before it (the package
+    ``__init__`` may import any): records is the leaf, runner the driver, compare the top."""
+    graph = import_graph()
+    batch = {m.rsplit(".", 1)[1]: m for m in graph if m.startswith("kfacbound.batch.")}
+    assert sorted(batch) == sorted(BATCH_LAYERS), "a new batch module: place it in BATCH_LAYERS"
+    for i, name in enumerate(BATCH_LAYERS):
+        imported = {t.rsplit(".", 1)[1] for t in graph[batch[name]]
+                    if t.startswith("kfacbound.batch.")}
+        assert imported <= set(BATCH_LAYERS[:i]), (name, sorted(imported - set(BATCH_LAYERS[:i])))
