@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,8 @@ import torch
 from torch import nn
 
 from .errors import KfacboundError
+from .io import atomic_write, to_jsonable
+from .io import atomic_write_text as atomic_write_text  # re-export: scripts import it from here
 from .models import build_model, resolve_spec
 
 FORMAT = "kfacbound-checkpoint"
@@ -72,29 +71,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; nothing is left behind on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-
-    atomic_write(path, write)
-
-
 def check_finite(model: nn.Module, what: str = "model") -> None:
     """Raise :class:`KfacboundError` naming the first tensor holding NaN or inf."""
     for name, tensor in model.state_dict().items():
@@ -125,24 +101,10 @@ def save_checkpoint(
         "format": FORMAT,
         "version": VERSION,
         "spec": json.dumps(spec, sort_keys=True),
-        "meta": json.dumps(_jsonable(meta), sort_keys=True),
+        "meta": json.dumps(to_jsonable(meta, default=str), sort_keys=True),
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return Path(path)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    return str(obj)
 
 
 def _looks_like_safetensors(head: bytes) -> bool:

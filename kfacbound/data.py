@@ -36,14 +36,14 @@ import importlib.util
 import os
 import pickle
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import KfacboundError
 
@@ -487,3 +487,48 @@ def split_indices(n: int, fraction: float, seed: int = 0) -> tuple[torch.Tensor,
         raise KfacboundError(f"fraction {fraction} leaves an empty part of {n} examples")
     perm = torch.as_tensor(np.random.default_rng([seed, 11]).permutation(n))
     return perm[:k].sort().values, perm[k:].sort().values
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets in the forms the API accepts
+
+
+def dataset_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, y) of a TensorDataset (e.g. :func:`load_dataset`'s), a ``Subset`` of one (its
+    examples, in the subset's order) or a pair (X, y)."""
+    if isinstance(data, tuple | list) and len(data) == 2:
+        return data[0], data[1]
+    if isinstance(data, TensorDataset):
+        return data.tensors[0], data.tensors[1]
+    if isinstance(data, Subset):
+        X, y = dataset_tensors(data.dataset)
+        index = torch.as_tensor(list(data.indices), dtype=torch.long)
+        return X[index], y[index]
+    raise KfacboundError("data must be a TensorDataset, a Subset of one or a pair (X, y)")
+
+
+def resolve_dataset(source: Any, split: str = "train", *, default: Mapping[str, Any] | None = None,
+                    missing: str = "no dataset given and the checkpoint records none",
+                    **overrides: Any) -> Any:
+    """The dataset ``source`` names, in any form the API accepts.
+
+    - a name: ``load_dataset(source, split, **overrides)``;
+    - a spec dict (``load_dataset`` keywords with ``name``, e.g. a checkpoint's ``dataset``):
+      rebuilt with :func:`dataset_from_spec` for ``split``, ``overrides`` replacing its entries;
+    - ``None``: the spec ``default`` (e.g. the dataset a checkpoint records) the same way; a
+      :class:`KfacboundError` saying ``missing`` when there is none;
+    - data already (a TensorDataset, a ``Subset``, a pair (X, y)): returned as it is (``split``
+      and ``overrides`` do not apply).
+    """
+    if source is None:
+        if not default:
+            raise KfacboundError(missing)
+        source = default
+    if isinstance(source, str):
+        return load_dataset(source, split=split, **overrides)
+    if isinstance(source, Mapping):
+        return dataset_from_spec(dict(source, **overrides), split=split)
+    if isinstance(source, Dataset) or (isinstance(source, tuple | list) and len(source) == 2):
+        return source
+    raise KfacboundError(f"a dataset is a name, a spec dict, a TensorDataset or a pair (X, y), "
+                         f"not {type(source).__name__}")

@@ -39,8 +39,9 @@ from ..curvature.exact import exact_ggn, exact_hessian
 from ..curvature.kfac import KFACResult, compute_kfac
 from ..curvature.kfac_layer import KronLayer
 from ..curvature.layout import curvature_layers, layer_size
-from ..curvature.operators import dataset_tensors, ggn_operator, hessian_operator
+from ..curvature.operators import ggn_operator, hessian_operator
 from ..curvature.spectral import overlap_curve, top_eigenpairs
+from ..data import dataset_tensors
 from ..errors import KfacboundError
 from ..losses import default_loss
 from ..progress import progress_bar

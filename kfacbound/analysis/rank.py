@@ -39,7 +39,6 @@ cut so a reader can judge the gap.
 from __future__ import annotations
 
 import copy
-import csv
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +50,7 @@ from torch import nn
 
 from ..curvature.exact import DEFAULT_MAX_PARAMS, hessian_parts
 from ..errors import KfacboundError
+from ..io import write_csv_atomic
 from ..progress import progress_bar
 
 _ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid)
@@ -301,17 +301,12 @@ def sweep_ranks(
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Rows as CSV, the columns every key in order of first appearance, written atomically."""
     keys: list[str] = []
     for row in rows:
         keys.extend(k for k in row if k not in keys)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in keys})
-    return path
+    write_csv_atomic(path, rows, keys)
+    return Path(path)
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:

@@ -28,7 +28,6 @@ Two regimes:
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from collections.abc import Sequence
@@ -39,7 +38,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..curvature.operators import dataset_tensors
 from ..curvature.spectral import (
     count_outliers,
     hutchinson_trace,
@@ -47,6 +45,8 @@ from ..curvature.spectral import (
     slq_density,
     spectrum_metrics,
 )
+from ..data import dataset_tensors
+from ..io import write_csv_atomic
 from ..progress import progress_bar
 from .compare import DEFAULT_DENSE_LIMIT, DEFAULT_TOL, exact_block, model_loss, resolve_layers
 
@@ -244,16 +244,7 @@ CSV_COLUMNS = ("checkpoint", "epoch", "layer", "part", "dim", "method", *METRICS
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path,
               columns: Sequence[str] = CSV_COLUMNS) -> Path:
     """Rows as CSV (empty cells for None), written atomically."""
-    import io
-
-    from ..checkpoint import atomic_write_text
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
-    atomic_write_text(path, buf.getvalue())
+    write_csv_atomic(path, rows, columns)
     return Path(path)
 
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..curvature.kfac import KFACResult, compute_kfac
 from ..curvature.spectral import overlap_curve
+from ..data import dataset_tensors
 from ..errors import KfacboundError
 from ..models import has_batchnorm
 from ..progress import progress_bar
@@ -281,8 +282,6 @@ def structure_report(
     :func:`analyse_model`), ``pairs`` (a, b, group, layer, ``exact`` and ``kfac`` overlap curves),
     ``summary`` (rows per group and layer, see :func:`summarise`).
     """
-    from ..curvature.operators import dataset_tensors
-
     if len(models) < 1:
         raise KfacboundError("give at least one model")
     labels = [lbl for lbl, _ in models]

@@ -1,7 +1,8 @@
-"""Glue between batch job configs and the analysis APIs.
+"""The built-in job functions: glue between batch job configs and the training and analysis APIs.
 
-Each adapter loads the checkpoint(s) a job needs (``<out>/checkpoints/<train key>.kfb``), calls
-the analysis with the job's options, writes the analysis' full output to
+:func:`train` and :func:`import_checkpoint` write ``<out>/checkpoints/<key>.kfb``. Each analysis
+adapter loads the checkpoint(s) a job needs (``<out>/checkpoints/<train key>.kfb``), calls the
+analysis with the job's options, writes the analysis' full output to
 ``<out>/artifacts/<key>.<ext>`` and returns a *flat* summary for the record, with the field names
 the reports read:
 
@@ -22,45 +23,76 @@ The data is the dataset of the job's cell (train split; the test split for test 
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..checkpoint import file_sha256, load_checkpoint
+from ..data import dataset_tensors, resolve_dataset
 from ..errors import KfacboundError
-from .jobs import artifact_path, needed_checkpoints
+from ..io import atomic_write, to_jsonable, write_json_atomic
+from ..losses import default_loss
+from ..models import count_parameters
+from ..train import TrainConfig, train_model
+from .records import artifact_path, checkpoint_path, job_key, needed_checkpoints
+
+# The analyses (kfacbound.curvature, .bounds, .analysis) are imported inside the functions that
+# run them: they load BackPACK and scipy, which a worker needs only for the kinds it runs.
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from .runner import to_jsonable
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_jsonable(obj), indent=1, sort_keys=True))
-    tmp.replace(path)
-
-
-def _key(config: dict[str, Any]) -> str:
-    from .spec import job_key
-
-    return job_key(config)
+    """A job's full output as strict JSON (no trailing newline, as artifacts always were)."""
+    write_json_atomic(path, to_jsonable(obj), indent=1, sort_keys=True, newline=False)
 
 
 def _one_checkpoint(config: dict[str, Any], out_dir: Path):
-    from ..checkpoint import load_checkpoint
-
     (path,) = needed_checkpoints(config, out_dir)
     return load_checkpoint(path)
 
 
-def _train_data(config: dict[str, Any], ckpt) -> Any:
-    """The cell's training data (or the checkpoint's own, for jobs without a dataset)."""
-    from ..data import dataset_from_spec, load_dataset
+def _dataset(config: dict[str, Any], split: str, ckpt=None) -> Any:
+    """The cell's ``split`` (or the checkpoint's own data, for jobs without a dataset)."""
+    return resolve_dataset(config.get("dataset") or None, split,
+                           default=ckpt.dataset if ckpt is not None else None,
+                           missing="the job has no dataset and the checkpoint records none")
 
-    if config.get("dataset"):
-        ds = dict(config["dataset"])
-        return load_dataset(ds.pop("name"), "train", **ds)
-    if ckpt.dataset:
-        return dataset_from_spec(ckpt.dataset, split="train")
-    raise KfacboundError("the job has no dataset and the checkpoint records none")
+
+# -------------------------------------------------------------------------------- checkpoints
+
+
+def train(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Train the cell's network with seed ``config['seed']``; checkpoint to checkpoints/<key>."""
+    train_data = _dataset(config, "train")
+    test_data = _dataset(config, "test")
+    cfg = TrainConfig(**config["options"], seed=int(config["seed"]))
+    path = checkpoint_path(out_dir, job_key(config))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # train_model saves through kfacbound.io.atomic_write: temporary name, then rename.
+    model, _, metrics = train_model(config["arch"], train_data, test_data, cfg, out=path,
+                                    progress=False)
+    result = {k: v for k, v in metrics.items() if k != "history"}
+    result["final_train_loss"] = metrics["history"][-1]["train_loss"] if metrics.get(
+        "history") else None
+    result.update(checkpoint=str(path.relative_to(out_dir)), params=count_parameters(model))
+    return result
+
+
+def import_checkpoint(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Copy an existing checkpoint file into ``checkpoints/<key>.kfb`` (temporary name + rename)
+    after checking that its sha256 is still the one in the config; report its metrics."""
+    source = Path(config["path"])
+    if not source.is_file():
+        raise KfacboundError(f"checkpoint {source} does not exist any more")
+    if file_sha256(source) != config["sha256"]:
+        raise KfacboundError(f"checkpoint {source} changed since the spec was read; rerun")
+    path = checkpoint_path(out_dir, job_key(config))
+    atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+    ckpt = load_checkpoint(path)
+    metrics = {k: v for k, v in ckpt.metrics.items() if not isinstance(v, list | dict)}
+    return dict(metrics, checkpoint=str(path.relative_to(out_dir)), source=str(source),
+                params=count_parameters(ckpt.model))
 
 
 # -------------------------------------------------------------------------------- bound
@@ -74,7 +106,7 @@ def bound(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     dataset = config.get("dataset") or None
     cert = certify_checkpoint(str(path), dataset, progress=False, seed=int(config["seed"]),
                               **config["options"])
-    cert_path = artifact_path(out_dir, _key(config), ".cert.json")
+    cert_path = artifact_path(out_dir, job_key(config), ".cert.json")
     _write_json(cert_path, cert)
     return bound_summary(cert, artifact=str(cert_path.relative_to(out_dir)))
 
@@ -114,14 +146,13 @@ def curvature(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """:func:`kfacbound.curvature.kfac.compute_kfac` on the cell's checkpoint; factors saved as
     ``artifacts/<key>.kfac.safetensors``; per-layer top eigenvalue and trace of G ⊗ Ã."""
     from ..curvature.kfac import compute_kfac
-    from ..losses import default_loss
 
     ckpt = _one_checkpoint(config, out_dir)
-    data = _train_data(config, ckpt)
+    data = _dataset(config, "train", ckpt)
     loss = ckpt.loss or default_loss(data.num_outputs)
     result = compute_kfac(ckpt.model, data, loss=loss, progress=False, seed=int(config["seed"]),
                           **config["options"])
-    path = artifact_path(out_dir, _key(config), ".kfac.safetensors")
+    path = artifact_path(out_dir, job_key(config), ".kfac.safetensors")
     result.save(path)
     layers = {}
     for name, layer in result.layers.items():
@@ -136,26 +167,22 @@ def curvature(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 # -------------------------------------------------------------------------------- structure
 
 
-def _analysis_data(config: dict[str, Any], ckpt, max_examples: int | None):
-    """The cell's training data, cut to its first ``max_examples`` examples when given (exact
-    Hessian blocks cost a pass over the data per Lanczos step)."""
-    from ..curvature.operators import dataset_tensors
-
-    X, y = dataset_tensors(_train_data(config, ckpt))
-    if max_examples is not None:
-        X, y = X[:int(max_examples)], y[:int(max_examples)]
-    return X, y
-
-
-def _models(config: dict[str, Any], out_dir: Path):
-    from ..checkpoint import load_checkpoint
-
+def _analysis_inputs(config: dict[str, Any], out_dir: Path):
+    """(options without ``max_examples``, checkpoints, their labels, (X, y)) of a structure or
+    spectra job: the needed checkpoints labelled by seed, and the cell's training data cut to
+    its first ``max_examples`` examples when given (exact Hessian blocks cost a pass over the
+    data per Lanczos step)."""
+    options = dict(config["options"])
+    max_examples = options.pop("max_examples", None)
     ckpts = [load_checkpoint(p) for p in needed_checkpoints(config, out_dir)]
     seeds = config.get("seeds") or [config.get("seed")] * len(ckpts)
     labels = [f"seed{s}" for s in seeds]
     if len(set(labels)) != len(labels):
         labels = [f"{lab}-{i}" for i, lab in enumerate(labels)]
-    return ckpts, labels
+    X, y = dataset_tensors(_dataset(config, "train", ckpts[0]))
+    if max_examples is not None:
+        X, y = X[:int(max_examples)], y[:int(max_examples)]
+    return options, ckpts, labels, (X, y)
 
 
 def structure(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -166,18 +193,13 @@ def structure(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     ``outliers`` (exact, mean over seeds), ``expected_outliers`` (C − 1), ``align_A_mean``,
     ``top_eigenvalue`` and ``top_eigenvalues`` (exact, mean over seeds), ``overlap_curve``
     (exact overlap for k = 1..K, mean over seed pairs; None with one seed)."""
-    import numpy as np
-
     from ..analysis.structure import structure_report
 
-    options = dict(config["options"])
-    max_examples = options.pop("max_examples", None)
-    ckpts, labels = _models(config, out_dir)
-    X, y = _analysis_data(config, ckpts[0], max_examples)
+    options, ckpts, labels, (X, y) = _analysis_inputs(config, out_dir)
     report = structure_report(list(zip(labels, [c.model for c in ckpts], strict=True)), (X, y),
                               ckpts[0].loss, progress=False, seed=int(config["seeds"][0]),
                               **options)
-    path = artifact_path(out_dir, _key(config), ".structure.json")
+    path = artifact_path(out_dir, job_key(config), ".structure.json")
     _write_json(path, report)
     layers: dict[str, Any] = {}
     for row in report["summary"]:
@@ -208,15 +230,12 @@ def spectra(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     :data:`kfacbound.analysis.spectra.METRICS` with ``top`` also as ``top_eigenvalue``."""
     from ..analysis.spectra import METRICS, spectra_series
 
-    options = dict(config["options"])
-    max_examples = options.pop("max_examples", None)
-    ckpts, labels = _models(config, out_dir)
-    X, y = _analysis_data(config, ckpts[0], max_examples)
+    options, ckpts, labels, (X, y) = _analysis_inputs(config, out_dir)
     result = spectra_series([(lab, c.model, c.meta) for lab, c in zip(labels, ckpts,
                                                                        strict=True)],
                             (X, y), ckpts[0].loss, progress=False, seed=int(config["seed"]),
                             **options)
-    path = artifact_path(out_dir, _key(config), ".spectra.json")
+    path = artifact_path(out_dir, job_key(config), ".spectra.json")
     _write_json(path, result)
     layers = {}
     for row in result["rows"]:

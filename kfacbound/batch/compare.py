@@ -21,15 +21,17 @@ Which numbers exist depends on the analyses the batch ran; missing ones are left
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from ..errors import KfacboundError
+from ..io import canonical_json, write_csv_atomic, write_json_atomic, write_text_atomic
 from .report import batch_records, fmt, markdown_table
-from .spec import canonical_json
+from .runner import run_batch
+from .spec import expand_spec
+
+# matplotlib is imported inside the plotting functions: a heavy dependency only figures need.
 
 BOUND_METRICS = [("bound", "bound"), ("kl", "KL"), ("snn_train_error", "SNN train error"),
                  ("snn_test_error", "SNN test error"), ("test_error", "test error")]
@@ -245,14 +247,6 @@ def _plot_curves(rows: list[dict[str, Any]], path: Path, field: str, ylabel: str
 # ------------------------------------------------------------------------------------ report
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
-
-
 def compare_records(records: list[dict[str, Any]], report_dir: str | Path,
                     source: str = "") -> Path:
     """Write the BatchNorm report for ``records`` into ``report_dir``; return report.md."""
@@ -262,11 +256,11 @@ def compare_records(records: list[dict[str, Any]], report_dir: str | Path,
     if not brows and not lrows:
         raise KfacboundError("no finished bound, structure or spectra jobs to compare "
                              f"({len(records)} records)")
-    _write_csv(out / "bounds.csv", brows, bound_columns())
+    write_csv_atomic(out / "bounds.csv", brows, bound_columns())
     lcols = layer_columns()
-    _write_csv(out / "layers.csv", lrows, lcols + ["k"])
-    (out / "compare.json").write_text(json.dumps({"bounds": brows, "layers": lrows},
-                                                 indent=1, default=str))
+    write_csv_atomic(out / "layers.csv", lrows, lcols + ["k"])
+    write_json_atomic(out / "compare.json", {"bounds": brows, "layers": lrows}, indent=1,
+                      sort_keys=False, default=str, newline=False)
     figs = {"bounds": _plot_bounds(brows, out / "bounds.png"),
             "layers": _plot_layers(lrows, out / "structure.png"),
             "eigenvalues": _plot_curves(lrows, out / "eigenvalues.png", "top_eigenvalues",
@@ -309,7 +303,7 @@ def compare_records(records: list[dict[str, Any]], report_dir: str | Path,
         parts += ["(no finished structure or spectra jobs)", ""]
     parts += ["Tables as CSV: `bounds.csv`, `layers.csv`; everything in `compare.json`.", ""]
     path = out / "report.md"
-    path.write_text("\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path
 
 
@@ -329,9 +323,6 @@ def compare_checkpoints(paths: list[str | Path], report_dir: str | Path,
                         threads: int | None = None) -> Path:
     """Run bound (options ``bound``) and structure (options ``structure``; ``None`` skips it)
     jobs on checkpoint files through a batch in ``<report_dir>/batch``, then report."""
-    from .runner import run_batch
-    from .spec import expand_spec
-
     analyses = [dict(bound or {}, kind="bound")]
     if structure is not None:
         analyses.append(dict(structure, kind="structure"))

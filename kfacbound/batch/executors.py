@@ -1,6 +1,6 @@
 """Where jobs run: this process, local worker processes, or a Ray cluster.
 
-All executors run the same function, :func:`kfacbound.batch.runner.execute_job`, which returns a
+All executors run the same function, :func:`kfacbound.batch.execute.execute_job`, which returns a
 record and never raises for a job's own failure; the driver alone appends records, so a killed
 driver can never leave a record of a job that a rerun repeats.
 
@@ -19,6 +19,7 @@ driver can never leave a record of a job that a rerun repeats.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import threading
@@ -28,9 +29,11 @@ from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
+import torch
+
 from ..errors import KfacboundError
-from .runner import THREAD_VARS, execute_job, failure_record, set_threads
-from .spec import Job
+from .execute import THREAD_VARS, execute_job, failure_record, set_threads
+from .records import Job
 
 EXECUTORS = ("inline", "local", "ray")
 
@@ -82,8 +85,6 @@ class InlineExecutor:
 
     def wait(self) -> list[tuple[Job, dict[str, Any]]]:
         """Run the next job here; the driver's thread settings are restored afterwards."""
-        import torch
-
         job, out_dir = self._queue.pop(0)
         saved_env = {v: os.environ.get(v) for v in THREAD_VARS}
         saved = torch.get_num_threads()
@@ -136,8 +137,6 @@ class LocalExecutor:
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            import multiprocessing
-
             self._pool = ProcessPoolExecutor(
                 max_workers=self.slots, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker, initargs=(self.threads, os.getpid(), _paths()))
@@ -192,8 +191,6 @@ class LocalExecutor:
 
     def _run_alone(self, suspects: list[tuple[Job, str]]) -> list[tuple[Job, dict[str, Any]]]:
         """Run each job by itself in a one-worker pool (rebuilt after each death)."""
-        import multiprocessing
-
         out = []
         pool = None
         try:
@@ -229,7 +226,8 @@ class LocalExecutor:
 
 
 def import_ray():
-    """``ray``, or a clear error saying how to install it."""
+    """``ray``, or a clear error saying how to install it (imported only here: an optional, heavy
+    dependency that the inline and local executors do without)."""
     try:
         import ray
     except ImportError:

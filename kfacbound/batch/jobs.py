@@ -6,6 +6,9 @@ raises to fail; the runner records the error and goes on. Functions are referenc
 path ``"module:function"`` and imported lazily *in the worker*, so a kind whose analysis module
 is missing or broken fails as a recorded job error, not as a crash of the batch.
 
+This module is the registry alone: it names job functions by import path, so it imports no
+job implementation (the built-in ones are in :mod:`kfacbound.batch.adapters`).
+
 Built-in kinds
 --------------
 - ``train`` (needs nothing): :func:`kfacbound.train.train_model` on the dataset's train split
@@ -39,9 +42,14 @@ from typing import Any
 
 from ..errors import KfacboundError
 
+# re-exported: job functions (plug-ins, tests) import the output paths from here
+from .records import ARTIFACT_DIR as ARTIFACT_DIR
+from .records import CHECKPOINT_DIR as CHECKPOINT_DIR
+from .records import artifact_path as artifact_path
+from .records import checkpoint_path as checkpoint_path
+from .records import needed_checkpoints as needed_checkpoints
+
 NEEDS = ("none", "checkpoint", "checkpoints")
-CHECKPOINT_DIR = "checkpoints"
-ARTIFACT_DIR = "artifacts"
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,7 @@ def register_job_kind(name: str, entry: str | Callable[..., dict[str, Any]], nee
 
 
 def get_job_kind(name: str) -> JobKind:
+    """The registered kind ``name``; a :class:`KfacboundError` listing the known ones if none."""
     if name not in JOB_KINDS:
         raise KfacboundError(f"unknown job kind {name!r}; known: {', '.join(sorted(JOB_KINDS))}"
                              " (or declare it in the spec's [kinds] table)")
@@ -154,136 +163,29 @@ def job_function(config: dict[str, Any]) -> Callable[[dict[str, Any], Path], dic
 
 
 # --------------------------------------------------------------------------------------------
-# paths shared by jobs and reports
+# built-in kinds (functions in kfacbound.batch.adapters)
 
 
-def checkpoint_path(out_dir: str | Path, key: str) -> Path:
-    """Where the train job with ``key`` writes its checkpoint."""
-    return Path(out_dir) / CHECKPOINT_DIR / f"{key}.kfb"
-
-
-def artifact_path(out_dir: str | Path, key: str, suffix: str) -> Path:
-    """A file a job writes besides its record: ``<out>/artifacts/<key><suffix>``."""
-    path = Path(out_dir) / ARTIFACT_DIR / f"{key}{suffix}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def needed_checkpoints(config: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """The checkpoints of the train jobs this job needs; a clear error when one is missing."""
-    paths = [checkpoint_path(out_dir, key) for key in config.get("needs", [])]
-    for path in paths:
-        if not path.is_file():
-            raise KfacboundError(f"checkpoint {path} of a finished train job is missing; "
-                                 "delete its record or rerun with a fresh --out")
-    return paths
-
-
-def _dataset(config: dict[str, Any], split: str):
-    from ..data import load_dataset
-
-    ds = dict(config["dataset"])
-    return load_dataset(ds.pop("name"), split, **ds)
-
-
-# --------------------------------------------------------------------------------------------
-# built-in kinds
-
-
-def run_train(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Train the cell's network with seed ``config['seed']``; checkpoint to checkpoints/<key>."""
-    from ..models import count_parameters
-    from ..train import TrainConfig, train_model
-    from .spec import job_key
-
-    train = _dataset(config, "train")
-    test = _dataset(config, "test")
-    cfg = TrainConfig(**config["options"], seed=int(config["seed"]))
-    path = checkpoint_path(out_dir, job_key(config))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # train_model saves through kfacbound.checkpoint.atomic_write: temporary name, then rename.
-    model, _, metrics = train_model(config["arch"], train, test, cfg, out=path, progress=False)
-    result = {k: v for k, v in metrics.items() if k != "history"}
-    result["final_train_loss"] = metrics["history"][-1]["train_loss"] if metrics.get(
-        "history") else None
-    result.update(checkpoint=str(path.relative_to(out_dir)), params=count_parameters(model))
-    return result
-
-
-def run_import(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Copy an existing checkpoint file into ``checkpoints/<key>.kfb`` (temporary name + rename)
-    after checking that its sha256 is still the one in the config; report its metrics."""
-    import os
-    import shutil
-
-    from ..checkpoint import file_sha256, load_checkpoint
-    from ..models import count_parameters
-    from .spec import job_key
-
-    source = Path(config["path"])
-    if not source.is_file():
-        raise KfacboundError(f"checkpoint {source} does not exist any more")
-    if file_sha256(source) != config["sha256"]:
-        raise KfacboundError(f"checkpoint {source} changed since the spec was read; rerun")
-    path = checkpoint_path(out_dir, job_key(config))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
-    ckpt = load_checkpoint(path)
-    metrics = {k: v for k, v in ckpt.metrics.items() if not isinstance(v, list | dict)}
-    return dict(metrics, checkpoint=str(path.relative_to(out_dir)), source=str(source),
-                params=count_parameters(ckpt.model))
-
-
-def run_curvature(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """K-FAC factors of the checkpoint (saved as an artifact) and a per-layer summary."""
-    from . import adapters
-
-    return adapters.curvature(config, out_dir)
-
-
-def run_bound(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """A certified PAC-Bayes bound of the checkpoint (certificate JSON as an artifact)."""
-    from . import adapters
-
-    return adapters.bound(config, out_dir)
-
-
-def run_structure(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Hessian structure across the seeds' checkpoints: overlap, rank-1 ratio, outliers."""
-    from . import adapters
-
-    return adapters.structure(config, out_dir)
-
-
-def run_spectra(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Layer-wise spectral diagnostics of the checkpoint."""
-    from . import adapters
-
-    return adapters.spectra(config, out_dir)
-
-
-register_job_kind("train", "kfacbound.batch.jobs:run_train", "none",
+register_job_kind("train", "kfacbound.batch.adapters:train", "none",
                   "train the cell's network (implied by analyses that need a checkpoint)")
-register_job_kind("import", "kfacbound.batch.jobs:run_import", "none",
+register_job_kind("import", "kfacbound.batch.adapters:import_checkpoint", "none",
                   "an existing checkpoint file (implied by the spec's checkpoints list)")
-register_job_kind("curvature", "kfacbound.batch.jobs:run_curvature", "checkpoint",
+register_job_kind("curvature", "kfacbound.batch.adapters:curvature", "checkpoint",
                   "K-FAC factors per layer",
                   options_from="kfacbound.curvature.kfac:compute_kfac",
                   excluded=("model", "data", "loss", "progress", "seed"))
-register_job_kind("bound", "kfacbound.batch.jobs:run_bound", "checkpoint",
+register_job_kind("bound", "kfacbound.batch.adapters:bound", "checkpoint",
                   "certified PAC-Bayes bound",
                   options_from="kfacbound.bounds.certify:certify_checkpoint",
                   excluded=("ckpt_or_model", "dataset", "progress", "init_model",
                             "test_dataset", "seed"),
                   expand="kfacbound.bounds.certify:expand_recipe")
-register_job_kind("structure", "kfacbound.batch.jobs:run_structure", "checkpoints",
+register_job_kind("structure", "kfacbound.batch.adapters:structure", "checkpoints",
                   "eigenspace overlap across seeds, rank-1 ratio, outliers",
                   options_from="kfacbound.analysis.structure:structure_report",
                   excluded=("models", "data", "loss", "progress", "seed"),
                   extra={"max_examples": None})
-register_job_kind("spectra", "kfacbound.batch.jobs:run_spectra", "checkpoint",
+register_job_kind("spectra", "kfacbound.batch.adapters:spectra", "checkpoint",
                   "layer-wise spectra",
                   options_from="kfacbound.analysis.spectra:spectra_series",
                   excluded=("checkpoints", "data", "loss", "progress", "seed"),

@@ -18,22 +18,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .runner import BATCH_INFO, RESULTS, latest_records
+from ..errors import KfacboundError
+from ..io import write_text_atomic
+from .records import RESULTS, batch_info, latest_records
 
 SUMMARY = "summary.csv"
 REPORT = "report.md"
 MAX_LIST = 16  # longer lists stay out of the CSV (they are in results.jsonl)
 ID_COLUMNS = ["key", "kind", "status", "dataset", "arch", "bn", "seed"]
-
-
-def batch_info(out_dir: str | Path) -> dict[str, Any]:
-    path = Path(out_dir) / BATCH_INFO
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
 
 
 def batch_records(out_dir: str | Path, only_latest_run: bool = True) -> list[dict[str, Any]]:
@@ -214,10 +206,10 @@ def report_markdown(out_dir: str | Path, records: list[dict[str, Any]]) -> str:
 def write_report(out_dir: str | Path) -> Path:
     """Rewrite ``summary.csv`` and ``report.md`` in ``out_dir``; return the report's path."""
     out = Path(out_dir)
+    if not out.is_dir():
+        raise KfacboundError(f"{out} is not a batch output directory")
     records = batch_records(out)
     for name, text in ((SUMMARY, summary_csv(records)),
                        (REPORT, report_markdown(out, records))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        write_text_atomic(out / name, text)
     return out / REPORT

@@ -1,12 +1,10 @@
 """Run a batch: resumable, failure-isolated, one atomic JSON record per finished job.
 
-Layout of an output directory ``<out>``:
+Layout of an output directory ``<out>`` (paths and record files: :mod:`kfacbound.batch.records`):
 
-- ``results.jsonl``: one JSON record per finished job (see :func:`execute_job`), appended with
-  :func:`append_record`: the whole line in one ``write`` on an ``O_APPEND`` descriptor, under an
-  exclusive ``flock``, then ``fsync``. A process killed at any moment leaves either the full line
-  or none of it (at worst, on a crash of the machine, a truncated *last* line, which
-  :func:`read_records` skips and the next append terminates first).
+- ``results.jsonl``: one JSON record per finished job (see
+  :func:`kfacbound.batch.execute.execute_job`), appended with
+  :func:`~kfacbound.batch.records.append_record` (atomic, see there).
 - ``checkpoints/<key>.kfb``: the train jobs' checkpoints, written to a temporary name and renamed.
 - ``artifacts/<key>.*``: other files jobs write (factors, certificates).
 - ``batch.json``: the spec text, the command and the job keys of the latest run (for reports).
@@ -19,210 +17,47 @@ checkpoint exists). A job whose latest record is an ``error`` is kept as failed,
 again. So a key gets a second ``ok`` record only when its checkpoint was deleted and it ran
 again, and the latest record of a key is its status.
 
-Reproducibility: a record stores the torch thread count its job ran with. Training is bitwise
-reproducible for a given seed *and* thread count, so a job rerun with another ``--workers`` (and
-hence another default thread count) may differ in the last bits; pass ``--threads`` to pin it.
-
 Failure isolation: a job that raises is recorded with ``status = "error"``, the exception type,
-message and a traceback summary; jobs that need it are recorded as failed without running; every
-other job still runs. A worker process that dies (segfault, out of memory) fails the jobs it may
-have been running, and a fresh pool continues.
+message and a traceback summary (:mod:`kfacbound.batch.execute`); jobs that need it are recorded
+as failed without running; every other job still runs. A worker process that dies (segfault, out
+of memory) fails the jobs it may have been running, and a fresh pool continues.
+
+The driver alone appends records; it is the top of the batch package (it imports
+:mod:`.records`, :mod:`.spec`, :mod:`.execute`, :mod:`.executors` and :mod:`.report`, none of
+which imports it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import json
-import math
 import os
-import platform
 import sys
-import time
-import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import KfacboundError
-from .spec import BatchSpec, Job, canonical_json
-
-RESULTS = "results.jsonl"
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-BATCH_INFO = "batch.json"
-LOCK = ".batch.lock"
+from ..io import to_jsonable as to_jsonable  # re-exported (with the other "x as x" names)
+from ..io import write_json_atomic
+from ..progress import progress_bar
+from .execute import THREAD_VARS as THREAD_VARS
+from .execute import execute_job as execute_job
+from .execute import failure_record
+from .execute import set_threads as set_threads
+from .execute import versions as versions
+from .executors import make_executor
+from .records import BATCH_INFO, RESULTS, Job, append_record, latest_records, utc_now
+from .records import read_records as read_records
+from .report import write_report
+from .spec import BatchSpec
 
 try:  # POSIX file locks; the batch runner needs them
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-
-# --------------------------------------------------------------------------------------------
-# records
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
-
-
-def to_jsonable(obj: Any) -> Any:
-    """``obj`` as strict JSON data: numpy/torch scalars and arrays become numbers and lists,
-    paths become strings, non-finite floats become ``None`` (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, int | str):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):  # numpy and torch
-        return to_jsonable(obj.tolist())
-    if hasattr(obj, "item"):
-        return to_jsonable(obj.item())
-    raise TypeError(f"result value of type {type(obj).__name__} is not JSON-able: {obj!r}")
-
-
-def append_record(path: str | Path, record: dict[str, Any]) -> None:
-    """Append ``record`` as one line of ``path``, atomically (see the module docstring)."""
-    line = canonical_json(to_jsonable(record)).encode() + b"\n"
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line  # terminate a truncated last line left by a crash
-            view = memoryview(line)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete record of a results file, in order; lines that do not parse (a line cut
-    short by a crash) are skipped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for raw in path.read_bytes().split(b"\n"):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(record, dict) and "key" in record and "status" in record:
-            records.append(record)
-    return records
-
-
-def latest_records(path: str | Path) -> dict[str, dict[str, Any]]:
-    """key → the key's latest record (its current status)."""
-    return {r["key"]: r for r in read_records(path)}
-
-
-# --------------------------------------------------------------------------------------------
-# the worker side
-
-
-_VERSIONS: dict[str, str] | None = None
-
-
-def versions() -> dict[str, str]:
-    """Versions of the software a record was produced with."""
-    global _VERSIONS
-    if _VERSIONS is None:
-        from importlib import metadata
-
-        out = {"python": platform.python_version(), "platform": platform.platform()}
-        for dist in ("kfacbound", "torch", "backpack-for-pytorch", "numpy", "scipy"):
-            try:
-                out[dist] = metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                out[dist] = "missing"
-        _VERSIONS = out
-    return dict(_VERSIONS)
-
-
-def set_threads(threads: int | None) -> None:
-    """Limit torch's intra-op threads (and OpenMP/MKL for libraries imported later)."""
-    if not threads:
-        return
-    for var in THREAD_VARS:
-        os.environ[var] = str(threads)
-    import torch
-
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
-def _error_info(exc: BaseException) -> dict[str, Any]:
-    frames = traceback.extract_tb(exc.__traceback__)[-6:]
-    return {
-        "type": type(exc).__name__,
-        "message": str(exc) or repr(exc),
-        "user_error": isinstance(exc, KfacboundError),
-        "traceback": "".join(traceback.format_list(frames))[-4000:],
-    }
-
-
-def execute_job(config: dict[str, Any], key: str, out_dir: str, threads: int | None = None,
-                sys_path: list[str] | None = None) -> dict[str, Any]:
-    """Run one job in this process and return its record; never raises for a job's failure.
-
-    Record fields: ``key``, ``kind``, ``config``, ``status`` ("ok"/"error"), ``result`` (the job
-    function's dict, strict JSON) or ``error`` {type, message, user_error, traceback},
-    ``timing`` {started, finished, wall_s, cpu_s}, ``versions``, ``host``, ``pid``, ``threads``.
-    """
-    for entry in sys_path or []:
-        if entry not in sys.path:
-            sys.path.append(entry)
-    started, t0, c0 = _now(), time.perf_counter(), time.process_time()
-    record: dict[str, Any] = {"key": key, "kind": config.get("kind"), "config": config}
-    try:
-        set_threads(threads)
-        from .jobs import job_function
-
-        fn = job_function(config)
-        result = fn(config, Path(out_dir))
-        if not isinstance(result, dict):
-            raise TypeError(f"job function of kind {config.get('kind')!r} returned "
-                            f"{type(result).__name__}, not a dict")
-        record.update(status="ok", result=to_jsonable(result), error=None)
-    except Exception as exc:  # noqa: BLE001 - failure isolation is the point
-        record.update(status="error", result=None, error=_error_info(exc))
-    record["timing"] = {"started": started, "finished": _now(),
-                        "wall_s": round(time.perf_counter() - t0, 4),
-                        "cpu_s": round(time.process_time() - c0, 4)}
-    record.update(versions=versions(), host=platform.node(), pid=os.getpid(),
-                  threads=threads)
-    return record
-
-
-def failure_record(job: Job, error_type: str, message: str) -> dict[str, Any]:
-    """A record for a job that did not run to completion in a worker (dependency failed,
-    worker died)."""
-    now = _now()
-    return {"key": job.key, "kind": job.kind, "config": job.config, "status": "error",
-            "result": None,
-            "error": {"type": error_type, "message": message, "user_error": False,
-                      "traceback": ""},
-            "timing": {"started": now, "finished": now, "wall_s": 0.0, "cpu_s": 0.0},
-            "versions": versions(), "host": platform.node(), "pid": os.getpid(),
-            "threads": None}
+LOCK = ".batch.lock"
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,12 +89,6 @@ def _clean_temporaries(out_dir: Path) -> None:
             for tmp in directory.glob(".*.tmp*"):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -304,8 +133,6 @@ def run_batch(
     Jobs start only after the jobs they need finished ok; jobs whose needs failed are recorded as
     failed. Returns a :class:`BatchOutcome`; the caller decides the exit code.
     """
-    from .executors import make_executor
-
     jobs = list(spec.jobs if isinstance(spec, BatchSpec) else spec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -319,12 +146,12 @@ def run_batch(
             "spec_path": spec.path if isinstance(spec, BatchSpec) else None,
             "spec_text": spec.text if isinstance(spec, BatchSpec) else "",
             "command": command or " ".join(sys.argv),
-            "started": _now(),
+            "started": utc_now(),
             "executor": executor,
             "workers": workers,
             "keys": [job.key for job in jobs],
         }
-        _atomic_json(out / BATCH_INFO, info)
+        write_json_atomic(out / BATCH_INFO, info, indent=2, sort_keys=True)
         previous = latest_records(results)
         state: dict[str, str] = {}  # key -> "ok" | "error"
         errors: dict[str, str] = {}
@@ -357,8 +184,6 @@ def run_batch(
             else:
                 outcome.failed.append(job.key)
                 errors[job.key] = record["error"]["message"]
-
-        from ..progress import progress_bar
 
         bar = progress_bar(len(todo), "batch", progress, "job")
         pending = list(todo)
@@ -404,8 +229,6 @@ def run_batch(
             if ex is not None:
                 ex.close(abort=sys.exc_info()[0] is not None)
         if report:
-            from .report import write_report
-
             try:
                 outcome.report = write_report(out)
             except Exception as exc:  # noqa: BLE001 - a report problem must not hide results

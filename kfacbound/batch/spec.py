@@ -68,51 +68,28 @@ per ``[[datasets]]`` entry, so all seeds of a cell see the same data.
 from __future__ import annotations
 
 import copy
-import hashlib
+import glob
+import inspect
 import itertools
-import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import file_sha256, load_checkpoint
+from ..data import SOURCES, list_datasets, load_dataset
 from ..errors import KfacboundError
+from ..io import canonical_json as canonical_json  # re-export: the keys' JSON, its old home
+from ..losses import check_loss
+from ..models import _DEFAULTS, ALIASES, has_batchnorm, resolve_spec
+from ..train import SCHEDULES, TrainConfig
+from .jobs import NEEDS, get_job_kind
+from .records import HASH_EXCLUDED as HASH_EXCLUDED
+from .records import Job
+from .records import job_key as job_key
 
 TOP_KEYS = ("name", "description", "seeds", "bn", "datasets", "architectures", "train",
             "checkpoints", "analyses", "kinds")
-HASH_EXCLUDED = ("label",)
-
-
-def canonical_json(obj: Any) -> str:
-    """The canonical JSON text of ``obj``: sorted keys, no whitespace, ASCII, no NaN."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False)
-
-
-def job_key(config: dict[str, Any]) -> str:
-    """sha256 (hex) of the canonical JSON of ``config`` without its display ``label``."""
-    hashed = {k: v for k, v in config.items() if k not in HASH_EXCLUDED}
-    return hashlib.sha256(canonical_json(hashed).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Job:
-    """One resolved job: its key, kind, configuration and the keys of the jobs it needs."""
-
-    key: str
-    config: dict[str, Any]
-
-    @property
-    def kind(self) -> str:
-        return self.config["kind"]
-
-    @property
-    def needs(self) -> tuple[str, ...]:
-        return tuple(self.config.get("needs", ()))
-
-    @staticmethod
-    def from_config(config: dict[str, Any]) -> Job:
-        return Job(job_key(config), config)
 
 
 @dataclass
@@ -215,8 +192,6 @@ def _bns(raw: dict[str, Any], where: str) -> list[bool]:
 
 def _datasets(raw: dict[str, Any], where: str) -> list[tuple[dict[str, Any], str]]:
     """(load_dataset options including ``name``, label) per dataset entry."""
-    from ..data import list_datasets
-
     known = list(list_datasets())
     out = []
     for here, entry in _tables(raw, "datasets", "name",
@@ -236,10 +211,6 @@ def _datasets(raw: dict[str, Any], where: str) -> list[tuple[dict[str, Any], str
 
 
 def _check_dataset_options(entry: dict[str, Any], where: str) -> None:
-    import inspect
-
-    from ..data import SOURCES, load_dataset
-
     params = inspect.signature(load_dataset).parameters
     named = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
     loader = SOURCES[entry["name"]][0]
@@ -253,16 +224,12 @@ def _check_dataset_options(entry: dict[str, Any], where: str) -> None:
 
 
 def _placeholder_shape(arch: dict[str, Any]) -> list[int]:
-    from ..models import ALIASES
-
     name = arch.get("arch")
     return [1] if name == "fc" or name in ALIASES else [1, 32, 32]
 
 
 def _architectures(raw: dict[str, Any], where: str) -> list[tuple[dict[str, Any], str]]:
     """(resolved architecture spec without data shape, label) per entry."""
-    from ..models import resolve_spec
-
     out = []
     for here, entry in _tables(raw, "architectures", "arch",
                                "an architecture is a name or a table with an 'arch' key", where):
@@ -277,8 +244,7 @@ def _architectures(raw: dict[str, Any], where: str) -> list[tuple[dict[str, Any]
             spec = resolve_spec(entry, input_shape=_placeholder_shape(entry), num_outputs=2)
         except KfacboundError as exc:
             raise KfacboundError(f"{here}: {exc}") from None
-        from ..models import _DEFAULTS  # the keys each architecture understands
-
+        # the keys each architecture understands
         allowed = set(_DEFAULTS[spec["arch"]]) | {"arch", "alias", "input_shape", "num_outputs"}
         _check_keys(spec, sorted(allowed), here)
         spec.pop("input_shape")
@@ -314,10 +280,6 @@ def _train_options(raw: dict[str, Any], where: str,
                    override: dict[str, Any] | None = None) -> dict[str, Any]:
     """[train] (with an architecture's own ``train = {...}`` table over it), validated and
     completed with TrainConfig's defaults."""
-    from dataclasses import asdict
-
-    from ..train import SCHEDULES, TrainConfig
-
     table = raw.get("train", {})
     if not isinstance(table, dict):
         raise _fail(where, "[train] must be a table of TrainConfig fields")
@@ -342,8 +304,6 @@ def _train_options(raw: dict[str, Any], where: str,
     if not isinstance(options["lr"], int | float) or options["lr"] <= 0:
         raise _fail(where, "[train] lr must be a positive number")
     if options["loss"] is not None:
-        from ..losses import check_loss
-
         try:
             check_loss(options["loss"])
         except KfacboundError as exc:
@@ -352,8 +312,6 @@ def _train_options(raw: dict[str, Any], where: str,
 
 
 def _plugin_kinds(raw: dict[str, Any], where: str) -> dict[str, dict[str, str]]:
-    from .jobs import NEEDS
-
     table = raw.get("kinds", {})
     if not isinstance(table, dict):
         raise _fail(where, "[kinds] must map a kind name to 'module:function' or a table")
@@ -377,8 +335,6 @@ def _plugin_kinds(raw: dict[str, Any], where: str) -> dict[str, dict[str, str]]:
 
 def _analyses(raw: dict[str, Any], kinds: dict[str, Any], where: str) -> list[dict[str, Any]]:
     """Each analysis table expanded over its grid: list of {"kind", "options"}."""
-    from .jobs import get_job_kind
-
     out = []
     for here, entry in _tables(raw, "analyses", "kind",
                                "an analysis is a kind name or a table with 'kind'", where):
@@ -420,9 +376,6 @@ def checkpoint_sources(paths: list[str | Path], where: str = "spec") -> list[dic
     """``import`` job configs for existing checkpoint files (dataset, architecture, BatchNorm and
     seed read from each checkpoint; its sha256 is part of the config, so an edited file gets a
     new key)."""
-    from ..checkpoint import file_sha256, load_checkpoint
-    from ..models import has_batchnorm
-
     configs = []
     for path in paths:
         ckpt = load_checkpoint(path)
@@ -448,8 +401,6 @@ def checkpoint_sources(paths: list[str | Path], where: str = "spec") -> list[dic
 
 
 def _checkpoint_paths(raw: dict[str, Any], where: str) -> list[Path]:
-    import glob
-
     entries = _as_list(raw.get("checkpoints", []), where)
     base = Path(where).parent if Path(where).suffix == ".toml" else Path.cwd()
     paths: list[Path] = []
@@ -466,8 +417,6 @@ def _checkpoint_paths(raw: dict[str, Any], where: str) -> list[Path]:
 
 def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
     """Validate a parsed spec and expand it into jobs (see the module docstring)."""
-    from .jobs import get_job_kind
-
     if not isinstance(raw, dict):
         raise _fail(where, "a spec is a TOML table")
     _check_keys(raw, TOP_KEYS, where)

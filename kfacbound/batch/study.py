@@ -20,7 +20,6 @@ Cells still running or not started are listed, so a page of a partial study says
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 from ..analysis.claims import claim_rows, claim_summary, fmt_spread, mean_sd
 from ..errors import KfacboundError
+from ..io import write_csv_atomic, write_json_atomic, write_text_atomic
 from .report import batch_info, batch_records, markdown_table
 
 PLATEAU_EPOCHS = 5
@@ -311,11 +311,7 @@ def _public(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     rows = _public(rows)
-    cols = list(dict.fromkeys(c for r in rows for c in r))
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv_atomic(path, rows, list(dict.fromkeys(c for r in rows for c in r)))
 
 
 def _table(rows: list[dict[str, Any]], empty: str) -> list[str]:
@@ -352,9 +348,9 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
                        ("claims", claims), ("claims_summary", summary), ("cost", cost)):
         if rows:
             _write_csv(out / f"{name}.csv", rows)
-    (out / "study.json").write_text(json.dumps(
-        {"training": _public(train), "bounds": _public(bounds), "kl_layers": _public(kl_layers),
-         "claims": claims, "claims_summary": summary, "cost": cost}, indent=1, default=str))
+    write_json_atomic(out / "study.json", {
+        "training": _public(train), "bounds": _public(bounds), "kl_layers": _public(kl_layers),
+        "claims": claims, "claims_summary": summary, "cost": cost}, indent=1)
     figs = {"bounds": _plot_bounds(bounds, out / "bounds.png"),
             "kl": _plot_layer_kl(kl_layers, out / "kl_layers.png"),
             "overlap": _plot_overlap(cells, out / "overlap.png"),
@@ -407,5 +403,5 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
                                                          "claims", "claims_summary", "cost"))
               + "; everything in `study.json`.", ""]
     path = out / "study.md"
-    path.write_text("\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path

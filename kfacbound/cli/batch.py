@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
 from ..batch.executors import EXECUTORS
+from ..batch.records import RESULTS, latest_records
+from ..batch.report import write_report
 from ..batch.runner import run_batch
 from ..batch.spec import load_spec
 
@@ -46,14 +49,8 @@ def command(spec: str, out: str, workers: int, executor: str, threads: int | Non
 
     Example: kfacbound batch scripts/specs/smoke.toml --out smoke-out --workers 2
     """
-    from pathlib import Path
-
-    from ..batch.runner import RESULTS, latest_records
-
     batch = load_spec(spec)
     if report_only:
-        from ..batch.report import write_report
-
         click.echo(f"report: {write_report(out)}", err=True)
         return
     if dry_run:

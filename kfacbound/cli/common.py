@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..checkpoint import Checkpoint, atomic_write_text, load_checkpoint
-from ..data import DOWNSAMPLE_MODES, KDataset, dataset_from_spec, list_datasets, load_dataset
-from ..errors import KfacboundError
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..data import DOWNSAMPLE_MODES, KDataset, list_datasets, resolve_dataset
+from ..io import json_default, write_json_atomic
 
 DATASET_KEYS = ("dataset", "binary", "subset", "subset_mode", "downsample", "downsample_mode",
                 "flatten", "standardize", "data_seed", "data_dir", "n", "input_dim", "classes",
@@ -75,13 +74,8 @@ def dataset_from_options(opts: dict[str, Any], split: str = "train",
         given["seed"] = given.pop("data_seed")
     if "npz_path" in given:
         given["path"] = given.pop("npz_path")
-    if name is None:
-        if ckpt is None or not ckpt.dataset:
-            raise KfacboundError("no --dataset given and the checkpoint records none")
-        spec = dict(ckpt.dataset)
-        spec.update(given)
-        return dataset_from_spec(spec, split=split)
-    return load_dataset(name, split=split, **given)
+    return resolve_dataset(name, split, default=ckpt.dataset if ckpt is not None else None,
+                           missing="no --dataset given and the checkpoint records none", **given)
 
 
 def open_checkpoint(path: str) -> Checkpoint:
@@ -89,21 +83,8 @@ def open_checkpoint(path: str) -> Checkpoint:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Pretty JSON written atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_default) + "\n")
-
-
-def _default(obj: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    return str(obj)
+    """Pretty JSON written atomically (numpy values as numbers, other objects as strings)."""
+    write_json_atomic(path, obj, indent=2, sort_keys=False, default=json_default)
 
 
 def device_option(f: Callable) -> Callable:

@@ -40,6 +40,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
+from ..data import dataset_tensors as dataset_tensors  # re-export: its old home
 from ..errors import KfacboundError
 from ..losses import make_loss, prepare_targets
 from .layout import CURVATURE_LAYERS
@@ -171,15 +172,6 @@ class ParameterSelection:
                     out[name] = chunk[start:start + k].reshape(shape)
                     start += k
         return out
-
-
-def dataset_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X, y) from a TensorDataset (e.g. :func:`kfacbound.data.load_dataset`) or a pair."""
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return data[0], data[1]
-    if isinstance(data, torch.utils.data.TensorDataset):
-        return data.tensors[0], data.tensors[1]
-    raise KfacboundError("data must be a TensorDataset or a pair (X, y)")
 
 
 class CurvatureProblem:
