@@ -521,7 +521,7 @@ def initialize(model: nn.Module, scheme: str, seed: int | None = None) -> None:
         gen.manual_seed(int(seed))
     first = True
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if is_curvature_layer(module):
             w = module.weight
             with torch.no_grad():
                 if scheme == "default":
@@ -544,7 +544,7 @@ def initialize(model: nn.Module, scheme: str, seed: int | None = None) -> None:
                     if module.bias is not None:
                         module.bias.fill_(0.1 if first else 0.0)
             first = False
-        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        elif is_batchnorm(module):
             module.reset_parameters()
             module.reset_running_stats()
 

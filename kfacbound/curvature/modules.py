@@ -8,7 +8,8 @@ Adding a module type is one :func:`register_module_rule` call (for a built-in ty
 the end of this file) plus one reference case in ``tests/conftest.py``.
 
 :func:`rule_for` walks the module's MRO, so a subclass of a registered type gets its base's
-rule unless it has one of its own. The rules (frozen dataclasses):
+rule unless it has one of its own (a subclass that changes what the layer computes must register
+its own rule). The rules (frozen dataclasses):
 
 - :class:`ModuleRule`: a parameter-free module (activation, pooling, Flatten, Dropout,
   Identity). The native backend and the exact curvature differentiate through it with autograd.
