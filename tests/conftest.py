@@ -111,8 +111,7 @@ def _conv1d_rule():
 
     from kfacbound.curvature.modules import ConvRule
 
-    return ConvRule(dims=1, conv=F.conv1d,
-                    backpack="backpack.extensions.secondorder.hbp.conv1d:HBPConv1d")
+    return ConvRule(dims=1, conv=F.conv1d)  # BackPACK backend: HBPConv1d, wrapped
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,12 @@ G and Ã wherever it sits — main path or shortcut projection — and autograd 
 γ at z is Σ over all paths from z to the logits. Each layer must be called once per forward and
 its output must not be modified in place later (checked). The BackPACK backend needs an
 nn.Sequential.
+
+Module types: which modules carry factors, how a layer's input is unfolded into the rows of Ã and
+its output columns reshaped for G, BatchNorm's scaling and diagonal, the BackPACK extension of a
+type and the configurations refused are read from the module rules of :mod:`.modules`
+(:func:`~.modules.register_module_rule` adds a type); the Gram accumulators are in
+:mod:`.factors`.
 """
 
 from __future__ import annotations

@@ -319,13 +319,19 @@ class LinearRule(CurvatureRule):
 @dataclass(frozen=True)
 class ConvRule(CurvatureRule):
     """nn.Conv{dims}d with groups = 1 and zero padding given as integers; ``conv`` is the
-    functional convolution (F.conv2d). Unfolding follows the KFC "expand" convention."""
+    functional convolution (F.conv2d). Unfolding follows the KFC "expand" convention.
+    ``backpack`` left at "builtin" means BackPACK's HBPConv{dims}d (wrapped by
+    :mod:`.kfac_backpack`)."""
 
-    backpack: str | None = "backpack.extensions.secondorder.hbp.conv2d:HBPConv2d"
     dims: int = 2
     conv: Callable[..., torch.Tensor] = F.conv2d
     kind: ClassVar[str] = "conv"
     batched_columns: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.backpack == BUILTIN:
+            hbp = f"backpack.extensions.secondorder.hbp.conv{self.dims}d:HBPConv{self.dims}d"
+            object.__setattr__(self, "backpack", hbp)
 
     def check(self, module: nn.Module, path: str) -> None:
         if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding,
