@@ -603,8 +603,7 @@ def _fold_module(module: nn.Module, path: str) -> nn.Module:
         for layer_name, bn_name in getattr(module, "fold_pairs", ()):
             bn = module._modules.get(bn_name)
             layer = module._modules.get(layer_name)
-            if bn is not None and is_batchnorm(bn) and layer is not None and is_curvature_layer(
-                    layer):
+            if is_batchnorm(bn) and is_curvature_layer(layer):
                 module._modules[layer_name] = _fold_pair(layer, bn)
                 module._modules[bn_name] = nn.Identity()
     for name, child in list(module._modules.items()):
@@ -625,7 +624,7 @@ def _fold_sequential(model: nn.Sequential, path: str) -> nn.Sequential:
     for name, module in model._modules.items():
         if is_batchnorm(module):
             prev = keep.get(prev_name) if prev_name is not None else None
-            if prev is None or not is_curvature_layer(prev):
+            if not is_curvature_layer(prev):
                 raise KfacboundError(
                     f"cannot fold BatchNorm {_join(path, name)!r}: it does not follow a "
                     "Linear/Conv2d layer"

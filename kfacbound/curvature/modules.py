@@ -529,14 +529,15 @@ def rule_for(module: nn.Module | type[nn.Module]) -> ModuleRule | None:
     return None
 
 
-def is_curvature_layer(module: nn.Module) -> bool:
-    """Whether the module carries a curvature block (Linear, Conv2d, …)."""
+def is_curvature_layer(module: nn.Module | None) -> bool:
+    """Whether the module carries a curvature block (Linear, Conv2d, …); False for None."""
     rule = rule_for(module)
     return rule is not None and rule.curvature
 
 
-def is_batchnorm(module: nn.Module) -> bool:
-    """Whether the module is a BatchNorm K-FAC and the posteriors handle (BatchNorm1d/2d)."""
+def is_batchnorm(module: nn.Module | None) -> bool:
+    """Whether the module is a BatchNorm K-FAC and the posteriors handle (BatchNorm1d/2d);
+    False for None."""
     rule = rule_for(module)
     return rule is not None and rule.batchnorm
 
