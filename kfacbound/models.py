@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .curvature.modules import is_batchnorm, is_curvature_layer, rule_for
 from .errors import KfacboundError
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "linear")
@@ -520,7 +521,7 @@ def initialize(model: nn.Module, scheme: str, seed: int | None = None) -> None:
         gen.manual_seed(int(seed))
     first = True
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if is_curvature_layer(module):
             w = module.weight
             with torch.no_grad():
                 if scheme == "default":
@@ -543,7 +544,7 @@ def initialize(model: nn.Module, scheme: str, seed: int | None = None) -> None:
                     if module.bias is not None:
                         module.bias.fill_(0.1 if first else 0.0)
             first = False
-        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        elif is_batchnorm(module):
             module.reset_parameters()
             module.reset_running_stats()
 
@@ -602,8 +603,7 @@ def _fold_module(module: nn.Module, path: str) -> nn.Module:
         for layer_name, bn_name in getattr(module, "fold_pairs", ()):
             bn = module._modules.get(bn_name)
             layer = module._modules.get(layer_name)
-            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and isinstance(
-                    layer, (nn.Linear, nn.Conv2d)):
+            if is_batchnorm(bn) and is_curvature_layer(layer):
                 module._modules[layer_name] = _fold_pair(layer, bn)
                 module._modules[bn_name] = nn.Identity()
     for name, child in list(module._modules.items()):
@@ -622,9 +622,9 @@ def _fold_sequential(model: nn.Sequential, path: str) -> nn.Sequential:
     keep: OrderedDict[str, nn.Module] = OrderedDict()
     prev_name: str | None = None
     for name, module in model._modules.items():
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if is_batchnorm(module):
             prev = keep.get(prev_name) if prev_name is not None else None
-            if not isinstance(prev, (nn.Linear, nn.Conv2d)):
+            if not is_curvature_layer(prev):
                 raise KfacboundError(
                     f"cannot fold BatchNorm {_join(path, name)!r}: it does not follow a "
                     "Linear/Conv2d layer"
@@ -637,29 +637,9 @@ def _fold_sequential(model: nn.Sequential, path: str) -> nn.Sequential:
 
 
 def _fold_pair(layer: nn.Module, bn: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        var, mean = bn.running_var, bn.running_mean
-        gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
-        beta = bn.bias if bn.bias is not None else torch.zeros_like(mean)
-        s = gamma / torch.sqrt(var + bn.eps)
-        folded = copy.deepcopy(layer)
-        if folded.bias is None:
-            if isinstance(folded, nn.Linear):
-                new = nn.Linear(folded.in_features, folded.out_features, bias=True)
-            else:
-                new = nn.Conv2d(
-                    folded.in_channels, folded.out_channels, folded.kernel_size,
-                    stride=folded.stride, padding=folded.padding, dilation=folded.dilation,
-                    groups=folded.groups, bias=True,
-                )
-            new = new.to(dtype=folded.weight.dtype, device=folded.weight.device)
-            new.weight.copy_(folded.weight)
-            new.bias.zero_()
-            folded = new
-        shape = (-1,) + (1,) * (folded.weight.ndim - 1)
-        folded.weight.mul_(s.reshape(shape))
-        folded.bias.copy_(s * (folded.bias - mean) + beta)
-    return folded
+    """The layer and the BN after it as one layer: :meth:`BatchNormRule.fold
+    <kfacbound.curvature.modules.BatchNormRule.fold>`."""
+    return rule_for(bn).fold(layer, bn)
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -1,7 +1,8 @@
 """Optimised curvature paths (issue 11) against independent references.
 
-- half-flop Gram products (kfac._gram_upper_, _add_gram) and the strided conv patch Gram
-  (kfac._conv_input_factor) and conv output Gram against dense float64 brute force via F.unfold;
+- half-flop Gram products (factors.gram_upper_, add_gram) and the strided conv patch Gram
+  (the Conv2d rule's input_factor) and conv output Gram against dense float64 brute force via
+  F.unfold;
 - one backward per square-root column against one vmapped backward (kfac.BATCHED_COLUMNS);
 - the closed-form MLP Hessian (exact._mlp_hessian) against torch.func.hessian in float64;
 - Hessian-vector products through a cached gradient graph against the dense Hessian.
@@ -15,8 +16,10 @@ from torch import nn
 from torch.func import functional_call
 
 import kfacbound.curvature.kfac as K
+from kfacbound.curvature import factors
 from kfacbound.curvature.exact import _dense_hessian, exact_hessian, mlp_layers
 from kfacbound.curvature.layout import torch_to_layout_index
+from kfacbound.curvature.modules import rule_for
 from kfacbound.curvature.operators import CurvatureProblem, hessian_operator
 
 
@@ -35,29 +38,27 @@ def test_gram_upper_matches_dense_product(d):
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2),
                                 stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=False),
                                 dict(kernel_size=1)])
-def test_conv_factors_match_unfold_brute_force(kw):
+def test_conv_factors_match_unfold_brute_force(kw, monkeypatch):
     conv = nn.Conv2d(3, 4, **kw).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, 9, 8, generator=g, dtype=torch.float64)
     u = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
                  stride=conv.stride)  # [N, D, T]
     T = u.shape[-1]
+    # the rule's input rows are F.unfold's patches, position by position
+    assert torch.equal(rule_for(conv).unfold(conv, x), u.transpose(1, 2))
     rows = u.transpose(1, 2).reshape(-1, u.shape[1])
     if conv.bias is not None:
         rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], 1)
     ref = rows.T @ rows / T
-    old_chunk = K.GRAM_CHUNK
-    try:
-        for chunk in (old_chunk, 2 * T):  # one chunk, and several
-            K.GRAM_CHUNK = chunk
-            torch.testing.assert_close(K.input_factor(conv, x), ref, rtol=1e-12, atol=1e-12)
-            out = conv(x)
-            grads = torch.randn((2, *out.shape), generator=g, dtype=torch.float64)
-            gr = grads.flatten(3).transpose(2, 3).reshape(-1, out.shape[1])
-            torch.testing.assert_close(K.output_factor(conv, grads), gr.T @ gr,
-                                       rtol=1e-12, atol=1e-12)
-    finally:
-        K.GRAM_CHUNK = old_chunk
+    for chunk in (factors.GRAM_CHUNK, 2 * T):  # one chunk, and several
+        monkeypatch.setattr(factors, "GRAM_CHUNK", chunk)
+        torch.testing.assert_close(K.input_factor(conv, x), ref, rtol=1e-12, atol=1e-12)
+        out = conv(x)
+        grads = torch.randn((2, *out.shape), generator=g, dtype=torch.float64)
+        gr = grads.flatten(3).transpose(2, 3).reshape(-1, out.shape[1])
+        torch.testing.assert_close(K.output_factor(conv, grads), gr.T @ gr,
+                                   rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["kflr", "kfac"])

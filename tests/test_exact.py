@@ -1,10 +1,13 @@
 """Exact dense curvature and operators against independent float64 references.
 
 References: ``torch.autograd.functional.hessian`` / ``jacobian`` on the parameters in torch's own
-order (permuted to the [W | b] layout with layout.torch_to_layout_index), and loss Hessians Λ
-written out analytically (softmax, logistic, MSE)."""
+order (permuted to the [W | b] layout by an index built here), and loss Hessians Λ written out
+analytically (softmax, logistic, MSE). The reference checks run over the shared cases of
+tests/conftest.py."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -12,11 +15,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from kfacbound.curvature.exact import exact_ggn, exact_hessian, hessian_parts, layer_hessian
-from kfacbound.curvature.layout import CURVATURE_LAYERS, torch_to_layout_index
+from kfacbound.curvature.exact import exact_hessian, hessian_parts, layer_hessian
 from kfacbound.curvature.operators import ggn_operator, hessian_operator
 from kfacbound.errors import KfacboundError
 from kfacbound.losses import make_loss, prepare_targets
+
+from .conftest import over_cases
 
 DT = torch.float64
 
@@ -46,13 +50,6 @@ def _mlp(C: int, act=nn.Tanh, bn=True, seed=0) -> nn.Sequential:
     return model.eval()
 
 
-def _cnn(C: int, seed=0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2),
-                         nn.Conv2d(3, 2, 2, bias=False), nn.Flatten(),
-                         nn.Linear(2, C)).to(DT).eval()
-
-
 def _data(shape, C, n=11, seed=1):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, *shape, generator=g, dtype=DT)
@@ -63,6 +60,16 @@ def _data(shape, C, n=11, seed=1):
 def _targets(loss, y, C):
     T = prepare_targets(loss, y, C)
     return T.to(DT) if T.is_floating_point() else T
+
+
+LAYERS = (nn.Linear, nn.modules.conv._ConvNd)  # blocks in the [W | b] layout
+
+
+def _layout_index(m: nn.Module) -> torch.Tensor:
+    """vec([W | b]) row-major, as positions in torch's order (W flattened, then b)."""
+    w = torch.arange(m.weight.numel()).reshape(m.weight.shape[0], -1)
+    cols = [w] if m.bias is None else [w, m.weight.numel() + torch.arange(len(m.bias))[:, None]]
+    return torch.cat(cols, 1).reshape(-1)
 
 
 def _reference(model, X, y, loss, labels=None):
@@ -78,8 +85,7 @@ def _reference(model, X, y, loss, labels=None):
         if m is not None and not isinstance(m, nn.Parameter) and label in modules:
             own = [f"{label}.{k}" for k, _ in m.named_parameters(recurse=False)]
             size = sum(p.numel() for p in m.parameters(recurse=False))
-            idx = (torch_to_layout_index(m) if isinstance(m, CURVATURE_LAYERS)
-                   else torch.arange(size))
+            idx = _layout_index(m) if isinstance(m, LAYERS) else torch.arange(size)
         else:
             own = [label]
             size = dict(model.named_parameters())[label].numel()
@@ -123,38 +129,34 @@ def _lambda(loss, F, T):
     return (2.0 / C) * torch.eye(C, dtype=DT).expand(n, C, C)
 
 
-CASES = [("ce", 3, "mlp"), ("bce", 1, "mlp"), ("mse", 2, "mlp"), ("ce", 3, "cnn"),
-         ("mse", 2, "cnn")]
-
-
-@pytest.mark.parametrize("loss,C,arch", CASES)
-def test_full_hessian_and_ggn_match_autograd(loss, C, arch):
-    model = _mlp(C) if arch == "mlp" else _cnn(C)
-    X, y = _data((5,) if arch == "mlp" else (2, 4, 4), C)
-    H_ref, J, T = _reference(model, X, y, loss)
-    parts = hessian_parts(model, X, y, loss, batch_size=4)  # 3 batches: 4, 4, 3
+@over_cases()
+def test_full_hessian_and_ggn_match_autograd(case):
+    model = case.model()
+    X, y = case.data(11)
+    H_ref, J, T = _reference(model, X, y, case.loss)
+    parts = hessian_parts(model, X, y, case.loss, batch_size=4)  # 3 batches: 4, 4, 3
     assert torch.allclose(parts.H, H_ref, atol=1e-12, rtol=1e-10)
     with torch.no_grad():
         F = model(X)
-    Lam = _lambda(loss, F, T)
+    Lam = _lambda(case.loss, F, T)
     G_ref = torch.einsum("ncp,ncd,ndq->pq", J, Lam, J) / len(X)
     assert torch.allclose(parts.H_O, G_ref, atol=1e-12, rtol=1e-10)
     assert torch.allclose(parts.H_F, H_ref - G_ref, atol=1e-12, rtol=1e-10)
-    assert parts.H_F.abs().max() > 1e-6  # tanh network: a genuine functional part
+    assert parts.H_F.abs().max() > 1e-6  # a genuine functional part (cross-layer terms)
 
 
-@pytest.mark.parametrize("loss,C,arch", CASES[:1] + CASES[3:4])
-def test_layer_blocks_and_subsets_are_sub_blocks(loss, C, arch):
-    model = _mlp(C) if arch == "mlp" else _cnn(C)
-    X, y = _data((5,) if arch == "mlp" else (2, 4, 4), C)
+@over_cases()
+def test_layer_blocks_and_subsets_are_sub_blocks(case):
+    model = case.model()
+    X, y = case.data(7)
     labels = [n for n, m in model.named_modules() if list(m.parameters(recurse=False))]
     for label in labels:
-        H_ref, _, _ = _reference(model, X, y, loss, [label])
-        H = layer_hessian(model, X, y, loss, label, batch_size=5)
+        H_ref, _, _ = _reference(model, X, y, case.loss, [label])
+        H = layer_hessian(model, X, y, case.loss, label, batch_size=5)
         assert torch.allclose(H, H_ref, atol=1e-12, rtol=1e-10), label
-    subset = [labels[-1], f"{labels[0]}.bias"]
-    H_ref, _, _ = _reference(model, X, y, loss, subset)
-    assert torch.allclose(exact_hessian(model, X, y, loss, subset), H_ref, atol=1e-12)
+    subset = [labels[-1], f"{labels[0]}.weight"]
+    H_ref, _, _ = _reference(model, X, y, case.loss, subset)
+    assert torch.allclose(exact_hessian(model, X, y, case.loss, subset), H_ref, atol=1e-12)
 
 
 def test_relu_layer_block_equals_its_ggn_block_but_tanh_does_not():
@@ -173,26 +175,34 @@ def test_relu_layer_block_equals_its_ggn_block_but_tanh_does_not():
     assert (H - G).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("loss,C", [("ce", 3), ("mse", 2), ("bce", 1)])
-def test_operators_match_dense(loss, C):
-    model = _mlp(C)
-    X, y = _data((5,), C, n=9)
+@over_cases()
+def test_operators_match_dense(case):
+    """Hessian and GGN operators (batched, chunked) against the autograd references."""
+    model = case.model()
+    X, y = case.data(9)
+    labels = [n for n, m in model.named_modules() if list(m.parameters(recurse=False))]
     rng = np.random.default_rng(0)
-    for params in (None, "6", ["1", "2.weight"]):
-        H = exact_hessian(model, X, y, loss, params).numpy()
-        G = exact_ggn(model, X, y, loss, params).numpy()
-        Hop = hessian_operator(model, X, y, loss, params, batch_size=4)
-        Gop = ggn_operator(model, X, y, loss, params, batch_size=4, chunk_size=3)
+    with torch.no_grad():
+        F = model(X)
+    for params in (None, labels[-1], [labels[0], f"{labels[1]}.weight"]):
+        H_ref, J, T = _reference(model, X, y, case.loss, None if params is None else
+                                 [params] if isinstance(params, str) else params)
+        H = H_ref.numpy()
+        if params is None:
+            H_full = H
+        G = (torch.einsum("ncp,ncd,ndq->pq", J, _lambda(case.loss, F, T), J) / len(X)).numpy()
+        Hop = hessian_operator(model, X, y, case.loss, params, batch_size=4)
+        Gop = ggn_operator(model, X, y, case.loss, params, batch_size=4, chunk_size=3)
         V = rng.standard_normal((H.shape[0], 7))
         np.testing.assert_allclose(Hop @ V[:, 0], H @ V[:, 0], atol=1e-12)
         np.testing.assert_allclose(Hop.matmat(V), H @ V, atol=1e-12)
         np.testing.assert_allclose(Gop.matmat(V), G @ V, atol=1e-12)
         np.testing.assert_allclose(Gop.rmatvec(V[:, 1]), G @ V[:, 1], atol=1e-12)
-    f32 = hessian_operator(model.float(), X.float(), y, loss, dtype=np.float32)
-    H = exact_hessian(model, X, y, loss).numpy()
-    v = rng.standard_normal(H.shape[0])
+    f32 = hessian_operator(copy.deepcopy(model).float(), X.float(), y, case.loss,
+                           dtype=np.float32)
+    v = rng.standard_normal(H_full.shape[0])
     assert f32.dtype == np.float32
-    np.testing.assert_allclose(f32 @ v, H @ v, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(f32 @ v, H_full @ v, rtol=1e-3, atol=1e-4)
 
 
 def test_mse_accepts_ready_targets_and_batches_agree():
@@ -210,7 +220,7 @@ def test_mse_accepts_ready_targets_and_batches_agree():
         out = functional_call(model, dict(zip(names, ts, strict=True)), (X,))
         return ((out - Y) ** 2).mean()
     ref = torch.autograd.functional.hessian(obj, tuple(p.detach() for p in params.values()))
-    idx = torch_to_layout_index(model[5])
+    idx = _layout_index(model[5])
     w, b = names.index("5.weight"), names.index("5.bias")
     block = torch.cat([torch.cat([ref[w][w].reshape(8, 8), ref[w][b].reshape(8, 2)], 1),
                        torch.cat([ref[b][w].reshape(2, 8), ref[b][b].reshape(2, 2)], 1)])

@@ -1,4 +1,5 @@
-"""K-FAC against curvlinops (test-only reference), BackPACK vs native, BatchNorm folding, KFRA."""
+"""K-FAC against curvlinops (test-only reference), BackPACK vs native, BatchNorm folding, KFRA,
+over the shared reference cases of tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -9,124 +10,87 @@ from torch import nn
 from kfacbound.curvature.kfac import compute_kfac
 from kfacbound.models import fold_batchnorm
 
-from .test_kfac_helpers import expand_G_reference, ggn_block
+from .conftest import CASES, DT, over_cases
+from .test_kfac_helpers import close, ggn_block, kfc_reference
 
-DT = torch.float64
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g, dtype=DT) * 0.3)
-            m.running_var.copy_(torch.rand(c, generator=g, dtype=DT) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=g, dtype=DT) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=g, dtype=DT) * 0.2)
-    return model.eval()
+MLP_BN = next(c for c in CASES if c.name == "mlp_bn")
 
 
-def bn_mlp(out: int, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Dropout(0.3),
-                      nn.Linear(5, 4), nn.Identity(), nn.Tanh(), nn.Linear(4, out)).to(DT)
-    return _randomise_bn(m, seed)
-
-
-def bn_cnn(out: int, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.AvgPool2d(2),
-                      nn.Conv2d(3, 4, 2), nn.BatchNorm2d(4), nn.Sigmoid(), nn.MaxPool2d(2),
-                      nn.Flatten(), nn.Linear(4, out)).to(DT)
-    return _randomise_bn(m, seed)
-
-
-def plain_cnn(out: int, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(3, 4, 2, stride=1, padding=1), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(4 * 16, out)).to(DT)
-
-
-NETS = {"mlp": (bn_mlp, (6,)), "cnn": (bn_cnn, (2, 6, 6)), "plain_cnn": (plain_cnn, (2, 6, 6))}
-OUT = {"ce": 3, "bce": 1, "mse": 3}
-
-
-def _data(n, shape, out, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g, dtype=DT), torch.randint(0, max(out, 2), (n,),
-                                                                         generator=g)
+def _bns(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 # ------------------------------------------------------------------ BackPACK backend vs native
-@pytest.mark.parametrize("net", ["mlp", "cnn"])
-@pytest.mark.parametrize("loss", ["ce", "bce", "mse"])
+@over_cases(where=lambda c: c.sequential)
 @pytest.mark.parametrize("method", ["kflr", "kfac"])
-def test_backpack_backend_equals_native(net, loss, method):
+def test_backpack_backend_equals_native(case, method):
     """Identical factors and BN diagonals; MC labels are identical for equal seeds."""
-    build, shape = NETS[net]
-    model = build(OUT[loss])
-    X, y = _data(11, shape, OUT[loss])
-    kw = dict(loss=loss, method=method, mc_samples=2, batch_size=4, progress=False, seed=7)
+    model = case.model()
+    X, y = case.data(11)
+    kw = dict(loss=case.loss, method=method, mc_samples=2, batch_size=4, progress=False, seed=7)
     a = compute_kfac(model, (X, y), backend="native", **kw)
     b = compute_kfac(model, (X, y), backend="backpack", **kw)
     assert list(a) == list(b)
     for name in a:
         torch.testing.assert_close(a[name].G, b[name].G, rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(a[name].A, b[name].A, rtol=1e-10, atol=1e-13)
-    assert set(a.bn_diag) == set(b.bn_diag) and a.bn_diag
+    assert set(a.bn_diag) == set(b.bn_diag) == set(_bns(model))
     for name in a.bn_diag:
         for k in ("weight", "bias"):
             torch.testing.assert_close(a.bn_diag[name][k], b.bn_diag[name][k])
 
 
 # ------------------------------------------------------------------ BN parameters: exact GGN diag
+@over_cases(where=lambda c: c.bn)
 @pytest.mark.parametrize("method", ["kfac", "kflr"])
-def test_bn_diag_is_exact_ggn_diagonal(method):
-    model = bn_cnn(3)
-    X, y = _data(5, (2, 6, 6), 3)
-    res = compute_kfac(model, (X, y), method=method, batch_size=2, progress=False)
-    for name in ("1", "5"):
-        ref = ggn_block(model, name, X, y, "ce").diagonal().reshape(-1, 2)  # [γ_c, β_c] rows
-        torch.testing.assert_close(res.bn_diag[name]["weight"], ref[:, 0])
-        torch.testing.assert_close(res.bn_diag[name]["bias"], ref[:, 1])
+def test_bn_diag_is_exact_ggn_diagonal(case, method):
+    """Every BatchNorm (nested paths included) gets the exact GGN diagonal of γ and β."""
+    model = case.model()
+    X, y = case.data(5)
+    res = compute_kfac(model, (X, y), loss=case.loss, method=method, batch_size=2,
+                       progress=False)
+    assert sorted(res.bn_diag) == sorted(_bns(model))
+    for name in res.bn_diag:
+        ref = ggn_block(model, name, X, y, case.loss).diagonal().reshape(-1, 2)  # [γ_c, β_c]
+        close(res.bn_diag[name]["weight"], ref[:, 0])
+        close(res.bn_diag[name]["bias"], ref[:, 1])
 
 
 # ------------------------------------------------------------------ BatchNorm folded vs not
-@pytest.mark.parametrize("net", ["mlp", "cnn"])
+@over_cases(where=lambda c: c.bn and c.sequential)
 @pytest.mark.parametrize("backend", ["native", "backpack"])
-def test_batchnorm_network_equals_folded_network(net, backend):
-    build, shape = NETS[net]
-    model = build(3)
+def test_batchnorm_network_equals_folded_network(case, backend):
+    model = case.model()
     folded = fold_batchnorm(model)
-    X, y = _data(9, shape, 3)
-    kw = dict(method="kflr", batch_size=4, progress=False, backend=backend)
+    X, y = case.data(9)
+    kw = dict(loss=case.loss, method="kflr", batch_size=4, progress=False, backend=backend)
     a = compute_kfac(model, (X, y), **kw)
     b = compute_kfac(folded, (X, y), **kw)
     assert list(a) == list(b)
     names = list(model._modules) + [""]
     for name in a:
-        torch.testing.assert_close(a[name].A, b[name].A)
+        # a layer without a bias gets one when BN is folded into it: Ã gains the row/column 1
+        A_fold = b[name].A if a[name].bias == b[name].bias else b[name].A[:-1, :-1]
+        torch.testing.assert_close(a[name].A, A_fold)
         bn = model._modules.get(names[names.index(name) + 1])
-        if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
             # z_fold = s ⊙ (z − μ) + β, so ∂/∂z = s ⊙ ∂/∂z_fold and G = diag(s) G_fold diag(s)
             s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
             torch.testing.assert_close(a[name].G, s[:, None] * b[name].G * s[None, :])
             # and G of the layer before BN equals the autograd reference through BN
-            torch.testing.assert_close(a[name].G, expand_G_reference(model, name, X, y, "ce"))
+            close(a[name].G, kfc_reference(model, name, X, y, case.loss)[0])
         else:
             torch.testing.assert_close(a[name].G, b[name].G)
 
 
 # ------------------------------------------------------------------ KFRA
-@pytest.mark.parametrize("net", ["mlp", "cnn"])
-def test_kfra_one_example_equals_kflr(net):
+@over_cases(where=lambda c: c.sequential and c.loss != "bce")
+def test_kfra_one_example_equals_kflr(case):
     """With one example per dataset the batch averages of KFRA are exact: KFRA = KFLR."""
-    build, shape = NETS[net]
-    model = build(3)
-    X, y = _data(1, shape, 3)
-    a = compute_kfac(model, (X, y), method="kfra", progress=False)
-    b = compute_kfac(model, (X, y), method="kflr", progress=False)
+    model = case.model()
+    X, y = case.data(1)
+    a = compute_kfac(model, (X, y), loss=case.loss, method="kfra", progress=False)
+    b = compute_kfac(model, (X, y), loss=case.loss, method="kflr", progress=False)
     assert a.meta["backend"] == "backpack"
     for name in a:
         torch.testing.assert_close(a[name].G, b[name].G)
@@ -134,8 +98,8 @@ def test_kfra_one_example_equals_kflr(net):
 
 
 def test_kfra_last_layer_equals_kflr_many_examples():
-    model = bn_mlp(3)
-    X, y = _data(12, (6,), 3)
+    model = MLP_BN.model()
+    X, y = MLP_BN.data(12)
     a = compute_kfac(model, (X, y), method="kfra", batch_size=5, progress=False)
     b = compute_kfac(model, (X, y), method="kflr", batch_size=5, progress=False)
     torch.testing.assert_close(a["8"].G, b["8"].G)
@@ -165,23 +129,22 @@ def _curvlinops_factors(model, loss, X, y, fisher_type, batch_size, mc_samples=1
     return op._gradient_covariances, op._input_covariances
 
 
-@pytest.mark.parametrize("net", ["mlp", "cnn", "plain_cnn"])
-@pytest.mark.parametrize("loss", ["ce", "bce", "mse"])
-def test_kflr_equals_curvlinops_type2(net, loss):
-    build, shape = NETS[net]
-    model = build(OUT[loss])
-    X, y = _data(10, shape, OUT[loss])
-    res = compute_kfac(model, (X, y), loss=loss, method="kflr", batch_size=4, progress=False)
-    G, A = _curvlinops_factors(model, loss, X, y, "type-2", 4)
+@over_cases(where=lambda c: not c.rules)  # curvlinops knows Linear and Conv2d layers
+def test_kflr_equals_curvlinops_type2(case):
+    model = case.model()
+    X, y = case.data(10)
+    res = compute_kfac(model, (X, y), loss=case.loss, method="kflr", batch_size=4,
+                       progress=False)
+    G, A = _curvlinops_factors(model, case.loss, X, y, "type-2", 4)
     assert set(G) == set(res)
     for name in res:
-        torch.testing.assert_close(res[name].G, G[name])
-        torch.testing.assert_close(res[name].A, A[name])
+        close(res[name].G, G[name])
+        close(res[name].A, A[name])
 
 
 def test_kfac_mc_agrees_statistically_with_curvlinops_mc():
-    model = bn_mlp(3)
-    X, y = _data(8, (6,), 3)
+    model = MLP_BN.model()
+    X, y = MLP_BN.data(8)
     ours = compute_kfac(model, (X, y), method="kfac", mc_samples=800, batch_size=4,
                         progress=False)
     exact = compute_kfac(model, (X, y), method="kflr", batch_size=4, progress=False)

@@ -1,12 +1,13 @@
 """Curvature on residual graphs: a tiny zoo ResNet (identity and 1×1-projection shortcuts,
 eval-mode BN with non-trivial running statistics) against independent float64 references.
 
-References (none uses kfacbound's curvature code): dense GGN blocks J_θᵀ Λ J_θ from torch.func
-Jacobians on the weights (tests/test_kfac_helpers.py); output Jacobians ∂f/∂z_t obtained by
-adding a perturbation δ to a layer's output through a forward hook and differentiating at δ = 0;
-input patches cut out by hand; dense Hessians from ``torch.autograd.functional.hessian``;
-curvlinops' KFACLinearOperator (3.0.1, test-only), which hooks layer inputs and output gradients
-and so handles residual networks.
+References (none uses kfacbound's curvature code; tests/test_kfac_helpers.py): dense GGN blocks
+J_θᵀ Λ J_θ from torch.func Jacobians on the weights; output Jacobians ∂f/∂z_t obtained by adding
+a perturbation δ to a layer's output through a forward hook and differentiating at δ = 0; input
+patches cut out by hand; dense Hessians from ``torch.autograd.functional.hessian``; curvlinops'
+KFACLinearOperator (3.0.1, test-only), which hooks layer inputs and output gradients and so
+handles residual networks. Factors on many examples, BN diagonals and curvlinops' type-2 factors
+of a smaller ResNet run with the shared reference cases (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from kfacbound.curvature.spectral import top_eigenpairs
 from kfacbound.errors import UnsupportedModuleError
 from kfacbound.models import build_model, resolve_spec
 
-from .test_kfac_helpers import ggn_block, loss_hessian
+from .conftest import randomise_bn
+from .test_kfac_helpers import (
+    close,
+    ggn_block,
+    kfc_reference,
+    loss_hessian,
+    output_jacobian,
+    patches,
+)
 
 DT = torch.float64
 # 8×8 input: layer1 at 8×8 (two blocks, identity shortcuts), layer2 4×4, layer3 2×2 and layer4
@@ -36,15 +45,7 @@ SINGLE_POSITION = ("layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0", 
 
 def tiny_resnet(out: int = 3, bn: bool = True, seed: int = 0) -> nn.Module:
     model = build_model(resolve_spec(dict(SPEC, bn=bn), [2, 8, 8], out), seed=seed).to(DT)
-    g = torch.Generator().manual_seed(seed + 100)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g, dtype=DT) * 0.3)
-            m.running_var.copy_(torch.rand(c, generator=g, dtype=DT) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=g, dtype=DT) + 0.5)
-            m.bias.data.copy_(torch.rand(c, generator=g, dtype=DT) * 0.3 + 0.2)  # ReLUs alive
-    return model.eval()
+    return randomise_bn(model, seed + 100)  # ReLUs alive
 
 
 def _data(n: int, out: int = 3, seed: int = 1):
@@ -53,75 +54,8 @@ def _data(n: int, out: int = 3, seed: int = 1):
             torch.randint(0, max(out, 2), (n,), generator=g))
 
 
-def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-9) -> None:
-    """‖a − b‖_F ≤ rtol ‖b‖_F: relative to the whole matrix, since the factors of layers deep
-    in the residual branches are orders of magnitude below those of fc (an absolute tolerance
-    would make their comparison vacuous); b must not vanish."""
-    assert a.shape == b.shape
-    assert float(b.norm()) > 0
-    err = float((a.to(b.dtype) - b).norm() / b.norm())
-    assert err <= rtol, err
-
-
 def _layers(model):
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
-# ------------------------------------------------------------------ independent references
-def layer_io(model, name, x):
-    """(input, output) of module ``name`` on one example, captured by a plain forward hook."""
-    got = {}
-    layer = model.get_submodule(name)
-    h = layer.register_forward_hook(lambda m, i, o: got.update(a=i[0].detach(), z=o.detach()))
-    with torch.no_grad():
-        model(x[None])
-    h.remove()
-    return got["a"], got["z"]
-
-
-def output_jacobian(model, name, x):
-    """J[c, o, t] = ∂f_c/∂z_{o,t} at one example: z_{o,t} perturbed by δ through a hook."""
-    layer = model.get_submodule(name)
-    _, z = layer_io(model, name, x)
-
-    def f(delta):
-        h = layer.register_forward_hook(lambda m, i, o: o + delta)
-        try:
-            return model(x[None])[0]
-        finally:
-            h.remove()
-    J = torch.autograd.functional.jacobian(f, torch.zeros_like(z))  # [C, 1, out, *spatial]
-    return J.reshape(J.shape[0], z.shape[1], -1)
-
-
-def patches(model, name, x):
-    """ũ_t [T, D(+1)]: the input patch of every output position, cut out by hand."""
-    layer = model.get_submodule(name)
-    a, _ = layer_io(model, name, x)
-    if isinstance(layer, nn.Linear):
-        u = a.reshape(1, -1)
-    else:
-        (ph, pw), (kh, kw), (sh, sw) = layer.padding, layer.kernel_size, layer.stride
-        a = nn.functional.pad(a, (pw, pw, ph, ph))[0]
-        H, W = (a.shape[1] - kh) // sh + 1, (a.shape[2] - kw) // sw + 1
-        u = torch.stack([a[:, i * sh:i * sh + kh, j * sw:j * sw + kw].reshape(-1)
-                         for i in range(H) for j in range(W)])
-    if layer.bias is not None:
-        u = torch.cat([u, torch.ones(u.shape[0], 1, dtype=u.dtype)], dim=1)
-    return u
-
-
-def kfc_reference(model, name, X, y, loss):
-    """G = (1/n) Σ_i Σ_t J_tᵀ Λ_i J_t and Ã = (1/(nT)) Σ_i Σ_t ũ_t ũ_tᵀ (KFC "expand")."""
-    G, A = 0, 0
-    for x, t in zip(X, y, strict=True):
-        J = output_jacobian(model, name, x)
-        with torch.no_grad():
-            Lam = loss_hessian(loss, model(x[None])[0], t)
-        G = G + torch.einsum("cot,cd,dpt->op", J, Lam, J)
-        u = patches(model, name, x)
-        A = A + u.T @ u / u.shape[0]
-    return G / len(X), A / len(X)
 
 
 # ------------------------------------------------------------------ KFLR: exactness and factors
@@ -160,29 +94,6 @@ def test_kflr_one_example_is_the_exact_ggn_block(bn, loss, out):
             close(torch.kron(res[name].G, res[name].A), dense)
 
 
-@pytest.mark.parametrize("bn", [True, False])
-def test_kflr_many_examples_equals_references(bn):
-    model = tiny_resnet(bn=bn, seed=2)
-    X, y = _data(5, seed=3)
-    res = compute_kfac(model, (X, y), method="kflr", batch_size=2, progress=False)
-    for name in ("conv1", "layer1.1.conv1", "layer2.0.downsample.0", "layer3.0.conv2", "fc"):
-        G, A = kfc_reference(model, name, X, y, "ce")
-        close(res[name].G, G)
-        close(res[name].A, A)
-
-
-def test_bn_diagonals_at_nested_paths_are_exact():
-    model = tiny_resnet()
-    X, y = _data(4)
-    res = compute_kfac(model, (X, y), method="kflr", batch_size=3, progress=False)
-    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    assert sorted(res.bn_diag) == sorted(bns)
-    for name in ("bn1", "layer1.1.bn2", "layer2.0.downsample.1", "layer4.0.bn1"):
-        ref = ggn_block(model, name, X, y, "ce").diagonal().reshape(-1, 2)  # [γ_c, β_c]
-        close(res.bn_diag[name]["weight"], ref[:, 0])
-        close(res.bn_diag[name]["bias"], ref[:, 1])
-
-
 # ------------------------------------------------------------------ curvlinops
 def _curvlinops(model, X, y, fisher_type, mc_samples=1):
     from curvlinops import KFACLinearOperator
@@ -195,18 +106,6 @@ def _curvlinops(model, X, y, fisher_type, mc_samples=1):
                             separate_weight_and_bias=False, check_deterministic=False)
     op.compute_kronecker_factors()
     return op._gradient_covariances, op._input_covariances
-
-
-@pytest.mark.parametrize("bn", [True, False])
-def test_kflr_equals_curvlinops_type2_on_resnet(bn):
-    model = tiny_resnet(bn=bn, seed=4)
-    X, y = _data(7, seed=5)
-    res = compute_kfac(model, (X, y), method="kflr", batch_size=3, progress=False)
-    G, A = _curvlinops(model, X, y, "type-2")
-    assert set(G) == set(res)
-    for name in res:
-        close(res[name].G, G[name])
-        close(res[name].A, A[name])
 
 
 def test_kfac_mc_on_resnet_agrees_with_curvlinops_mc():

@@ -1,10 +1,12 @@
-"""Posteriors on residual graphs: a tiny zoo ResNet (identity and 1×1-projection shortcuts, with
-and without BatchNorm) against independent computations.
+"""Posteriors on residual graphs — a tiny zoo ResNet (identity and 1×1-projection shortcuts, with
+and without BatchNorm) — and on every shared reference case of tests/conftest.py, against
+independent computations.
 
 References: the BatchNorm-folded model itself (mean network, vanishing stds); explicit networks
 sampled weight by weight — full W̃ = M + noise written into a plain copy of the folded model with
 ``set_layer_matrix`` — for the output law; dense ``torch.distributions`` Gaussians for the KL;
-the certificate recomputed from its JSON with the formulas of tests/test_certify.py.
+the module's own forward for per-example conv kernels; the certificate recomputed from its JSON
+with the formulas of tests/test_certify.py.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from kfacbound.bounds import certify as cf
 from kfacbound.bounds.posteriors import LayerSlot, build_posterior, build_prior
 from kfacbound.curvature.layout import curvature_layers, layer_matrix, set_layer_matrix
 from kfacbound.errors import UnsupportedModuleError
-from kfacbound.models import ResNet, build_model, fold_batchnorm, resolve_spec
+from kfacbound.models import build_model, fold_batchnorm, resolve_spec
 
+from .conftest import over_cases, randomise_bn
 from .test_certify import independent_recompute
+from .test_kfac_helpers import layer_io
 from .test_posteriors import dense_cov, random_eigenbases, random_factors
 
 D = torch.float64
@@ -37,20 +41,12 @@ PATHS = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.
 
 def tiny_resnet(bn: bool, seed: int = 0, dtype: torch.dtype = D) -> nn.Module:
     model = build_model(resolve_spec(dict(SPEC, bn=bn), [1, 8, 8], 3), seed=seed).to(dtype)
-    g = torch.Generator().manual_seed(seed + 100)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):  # non-trivial eval statistics, ReLUs alive
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g, dtype=dtype) * 0.3)
-            m.running_var.copy_(torch.rand(c, generator=g, dtype=dtype) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=g, dtype=dtype) + 0.5)
-            m.bias.data.copy_(torch.rand(c, generator=g, dtype=dtype) * 0.3 + 0.2)
-    return model.eval()
+    return randomise_bn(model, seed + 100)  # non-trivial eval statistics, ReLUs alive
 
 
 def folded(model: nn.Module) -> nn.Module:
-    return fold_batchnorm(model) if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) \
-        else model
+    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return fold_batchnorm(model) if bn else model
 
 
 def build(kind: str, model: nn.Module, seed: int, **kw):
@@ -89,34 +85,97 @@ def test_layers_paths_and_parameters(bn):
     assert Q.numel() == sum(layer_matrix(m).numel() for _, m in curvature_layers(folded(model)))
 
 
-@pytest.mark.parametrize("bn", [True, False])
+# ------------------------------------------------------------------ over the reference cases
+@over_cases()
 @pytest.mark.parametrize("kind", ["diag", "kfac", "exact"])
-def test_mean_forward_is_the_folded_model(bn, kind):
-    model = tiny_resnet(bn)
-    Q = build(kind, model, 1, std_init=0.2)
-    x = images(6)
+def test_mean_and_vanishing_stds_give_the_model(case, kind):
+    """The mean network is the (unfolded, eval-mode) model; with vanishing stds every sampler
+    (per example, per batch, repeated passes) gives it too, and still samples."""
+    model = case.model()
+    Q = build(kind, model, 1, std_init=1e-9)
+    X, _ = case.data(5)
     with torch.no_grad():
-        ref = model(x)  # the unfolded eval-mode model
-        assert torch.allclose(folded(model)(x), ref, atol=1e-10, rtol=0)
-        assert torch.allclose(Q(x, sample=False), ref, atol=1e-10, rtol=0)
-
-
-@pytest.mark.parametrize("bn", [True, False])
-@pytest.mark.parametrize("kind", ["diag", "kfac", "exact"])
-def test_vanishing_stds_give_the_model(bn, kind):
-    model = tiny_resnet(bn)
-    Q = build(kind, model, 2, std_init=1e-9)
-    x = images(5)
-    with torch.no_grad():
-        ref = model(x)
+        ref = model(X)
+        assert torch.allclose(folded(model)(X), ref, atol=1e-10, rtol=0)
+        assert torch.allclose(Q(X, sample=False), ref, atol=1e-10, rtol=0)
         for per_example in (True, False):
-            assert torch.allclose(Q(x, per_example=per_example), ref, atol=1e-6, rtol=0)
-        rep = Q.forward_repeated(x, 3)
-    assert rep.shape == (3, 5, 3)
-    assert torch.allclose(rep, ref.expand(3, 5, 3), atol=1e-6, rtol=0)
+            assert torch.allclose(Q(X, per_example=per_example), ref, atol=1e-6, rtol=0)
+        rep = Q.forward_repeated(X, 3)
+    assert rep.shape == (3, *ref.shape)
+    assert torch.allclose(rep, ref.expand(3, *ref.shape), atol=1e-6, rtol=0)
     assert not torch.equal(rep[0], rep[1])  # still sampled
 
 
+@over_cases(where=lambda c: c.conv)
+def test_per_example_kernels_match_the_layer_module(case):
+    """A conv layer sampled per example (one grouped convolution) equals the module's own
+    forward with that example's kernel W̃ = M + noise written into a copy of it."""
+    model = folded(case.model())
+    Q = build("kfac", model, 6, std_init=0.2)
+    X, _ = case.data(4)
+    convs = [(p, layer) for p, layer in Q.layers() if layer.kind == "conv"]
+    assert convs
+    for path, layer in convs:
+        a = torch.cat([layer_io(model, path, x)[0] for x in X])  # the layer's inputs
+        module = copy.deepcopy(model.get_submodule(path))
+        fixed = layer.sample_noise(len(a))
+        layer.sample_noise = lambda num, fixed=fixed: fixed[:num]
+        with torch.no_grad():
+            out = layer(a, sample=True, per_example=True)
+            for i in range(len(a)):
+                set_layer_matrix(module, layer.mean + fixed[i])
+                assert torch.allclose(out[i:i + 1], module(a[i:i + 1]), atol=1e-12, rtol=0)
+
+
+@over_cases()
+@pytest.mark.parametrize("kind", ["diag", "kfac", "exact"])
+def test_kl_matches_dense_torch_distributions(case, kind):
+    model, init = case.model(0), case.model(1)
+    Q = build(kind, model, 11, std_init=0.05)
+    gen = torch.Generator().manual_seed(12)
+    with torch.no_grad():  # non-uniform variances and means away from the trained weights
+        for _, layer in Q.layers():
+            layer.log_std.add_(0.3 * torch.randn(layer.log_std.shape, generator=gen, dtype=D))
+            layer.mean.add_(0.01 * torch.randn(layer.mean.shape, generator=gen, dtype=D))
+    P = build_prior(Q, init, lam=0.02)
+    ref = 0.0
+    init_layers = dict(curvature_layers(folded(init)))
+    for path, layer in Q.layers():
+        mu = layer.mean.detach().reshape(-1)
+        w0 = layer_matrix(init_layers[path]).detach().reshape(-1).double()
+        q = torch.distributions.MultivariateNormal(mu, covariance_matrix=dense_cov(layer))
+        p = torch.distributions.MultivariateNormal(
+            w0, covariance_matrix=0.02 * torch.eye(len(mu), dtype=D))
+        ref += float(torch.distributions.kl_divergence(q, p))
+    assert float(Q.kl(P, dtype=D).detach()) == pytest.approx(ref, rel=1e-9)
+
+
+@over_cases()
+def test_mean_model_round_trips(case):
+    model = case.model()
+    Q = build("diag", model, 13, std_init=0.1)
+    f = folded(model)
+    mm = Q.mean_model()
+    assert type(mm) is type(model) and not any(isinstance(m, LayerSlot) for m in mm.modules())
+    for (pa, a), (pb, b) in zip(curvature_layers(mm), curvature_layers(f), strict=True):
+        assert pa == pb and torch.equal(layer_matrix(a), layer_matrix(b))
+    gen = torch.Generator().manual_seed(14)
+    with torch.no_grad():
+        for _, layer in Q.layers():
+            layer.mean.add_(0.1 * torch.randn(layer.mean.shape, generator=gen, dtype=D))
+    mm = Q.mean_model()
+    mods = dict(curvature_layers(mm))
+    for path, layer in Q.layers():
+        assert torch.equal(layer_matrix(mods[path]), layer.mean.detach())
+    X, _ = case.data(4)
+    with torch.no_grad():
+        assert torch.allclose(mm(X), Q(X, sample=False), atol=1e-12, rtol=0)
+    Q2 = build_posterior(mm, "diag", std_init=0.1, dtype=D)
+    for (_, a), (_, b) in zip(Q.layers(), Q2.layers(), strict=True):
+        assert torch.equal(a.mean, b.mean)
+
+
+# ------------------------------------------------------------------ output laws on the ResNet
 def _close_in_law(out: torch.Tensor, ref: torch.Tensor) -> None:
     """Per logit: means and variances within 5 standard errors (the variance's from the
     sample kurtosis κ: Var(s²) ≈ σ⁴ (κ − 1)/n)."""
@@ -170,54 +229,6 @@ def test_repeated_passes_match_explicit_networks(kind):
     r_pass = torch.corrcoef(torch.stack([o[0::2].reshape(-1), o[1::2].reshape(-1)]))[0, 1]
     r_ex = torch.corrcoef(torch.stack([o[:, 0::2].reshape(-1), o[:, 1::2].reshape(-1)]))[0, 1]
     assert abs(float(r_pass)) < 0.04 and abs(float(r_ex)) < 0.04
-
-
-@pytest.mark.parametrize("bn", [True, False])
-@pytest.mark.parametrize("kind", ["diag", "kfac", "exact"])
-def test_kl_matches_dense_torch_distributions(bn, kind):
-    model, init = tiny_resnet(bn, 0), tiny_resnet(bn, 1)
-    Q = build(kind, model, 11, std_init=0.05)
-    gen = torch.Generator().manual_seed(12)
-    with torch.no_grad():  # non-uniform variances and means away from the trained weights
-        for _, layer in Q.layers():
-            layer.log_std.add_(0.3 * torch.randn(layer.log_std.shape, generator=gen, dtype=D))
-            layer.mean.add_(0.01 * torch.randn(layer.mean.shape, generator=gen, dtype=D))
-    P = build_prior(Q, init, lam=0.02)
-    ref = 0.0
-    init_layers = dict(curvature_layers(folded(init)))
-    for path, layer in Q.layers():
-        mu = layer.mean.detach().reshape(-1)
-        w0 = layer_matrix(init_layers[path]).detach().reshape(-1).double()
-        q = torch.distributions.MultivariateNormal(mu, covariance_matrix=dense_cov(layer))
-        p = torch.distributions.MultivariateNormal(
-            w0, covariance_matrix=0.02 * torch.eye(len(mu), dtype=D))
-        ref += float(torch.distributions.kl_divergence(q, p))
-    assert float(Q.kl(P, dtype=D).detach()) == pytest.approx(ref, rel=1e-9)
-
-
-@pytest.mark.parametrize("bn", [True, False])
-def test_mean_model_round_trips(bn):
-    model = tiny_resnet(bn)
-    Q = build("diag", model, 13, std_init=0.1)
-    f = folded(model)
-    mm = Q.mean_model()
-    assert isinstance(mm, ResNet) and not any(isinstance(m, LayerSlot) for m in mm.modules())
-    for (pa, a), (pb, b) in zip(curvature_layers(mm), curvature_layers(f), strict=True):
-        assert pa == pb and torch.equal(layer_matrix(a), layer_matrix(b))
-    gen = torch.Generator().manual_seed(14)
-    with torch.no_grad():
-        for _, layer in Q.layers():
-            layer.mean.add_(0.1 * torch.randn(layer.mean.shape, generator=gen, dtype=D))
-    mm = Q.mean_model()
-    mods = dict(curvature_layers(mm))
-    for path, layer in Q.layers():
-        assert torch.equal(layer_matrix(mods[path]), layer.mean.detach())
-    x = images(4)
-    with torch.no_grad():
-        assert torch.allclose(mm(x), Q(x, sample=False), atol=1e-12, rtol=0)
-    Q2 = build_posterior(mm, "diag", std_init=0.1, dtype=D)
-    for (_, a), (_, b) in zip(Q.layers(), Q2.layers(), strict=True):
-        assert torch.equal(a.mean, b.mean)
 
 
 @pytest.mark.parametrize("bn,posterior", [(True, "diag"), (True, "kfac"), (False, "kfac"),

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ..curvature.exact import DEFAULT_MAX_PARAMS, hessian_parts
+from ..curvature.modules import rule_for
 from ..errors import KfacboundError
 from ..io import write_csv_atomic
 from ..progress import progress_bar
@@ -152,9 +153,11 @@ def describe_for_prediction(model: nn.Module, X: torch.Tensor, loss: str) -> dic
     model = copy.deepcopy(model).to(torch.float64).eval()
     X = X.to(torch.float64)
     leaves = _leaves(model)
-    linears = [m for m in leaves if isinstance(m, nn.Linear)]
-    convs = [m for m in leaves if isinstance(m, nn.Conv2d)]
-    known = all(isinstance(m, (nn.Linear, nn.Conv2d, *_ACTIVATIONS, *_PASSIVE)) for m in leaves)
+    kinds = [getattr(rule_for(m), "kind", None) for m in leaves]  # module rules: layer kinds
+    linears = [m for m, kind in zip(leaves, kinds, strict=True) if kind == "linear"]
+    convs = [m for m, kind in zip(leaves, kinds, strict=True) if kind == "conv"]
+    known = all(kind in ("linear", "conv") or isinstance(m, (*_ACTIVATIONS, *_PASSIVE))
+                for m, kind in zip(leaves, kinds, strict=True))
     with torch.no_grad():
         K = int(model(X[:1]).shape[-1])
     empty = {"H": None, "H_O": None, "H_F": None}
@@ -188,18 +191,15 @@ def describe_for_prediction(model: nn.Module, X: torch.Tensor, loss: str) -> dic
         conv = convs[0]
         with torch.no_grad():
             z = conv(X[:1])
-        positions = z.shape[-1] * z.shape[-2]
+        positions = math.prod(z.shape[2:])
         if linears[0].in_features == conv.out_channels * positions:
-            patches = torch.nn.functional.unfold(
-                X, conv.kernel_size, dilation=conv.dilation,
-                padding=conv.padding, stride=conv.stride)
+            patches = rule_for(conv).unfold(conv, X)  # [N, T, D]: KFC-expand input rows
             r = input_rank(X, False)
-            pred = predicted_conv_ranks(conv.in_channels, conv.kernel_size[0] *
-                                        conv.kernel_size[1], conv.out_channels, positions, K, r,
-                                        loss)
+            pred = predicted_conv_ranks(conv.in_channels, math.prod(conv.kernel_size),
+                                        conv.out_channels, positions, K, r, loss)
             return {**base, "kind": "conv", "predicted": {k: pred[k] for k in ("H", "H_O", "H_F")},
                     "r": r, "q": pred["q"], "patch_rank": input_rank(
-                        patches.transpose(1, 2).reshape(-1, patches.shape[1]), False),
+                        patches.reshape(-1, patches.shape[-1]), False),
                     "note": "conv + dense: 1-D derivation applied to Conv2d (checked "
                                               "numerically, not from the paper)"}
     return {**base, "kind": "none", "predicted": empty, "r": input_rank(X, bias), "q": None,

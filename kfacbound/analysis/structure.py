@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..curvature.kfac import KFACResult, compute_kfac
+from ..curvature.modules import rule_for
 from ..curvature.spectral import overlap_curve
 from ..data import dataset_tensors
 from ..errors import KfacboundError
@@ -81,7 +81,9 @@ def layer_input_means(
     """E[ã] for each Linear/Conv2d layer: the mean input, with a trailing 1 when it has a bias.
 
     Conv2d: the mean unfolded patch (in_channels·kh·kw, ordered like ``weight.reshape(out, -1)``)
-    over examples and output positions. Computed with forward hooks in eval mode, float64 sums.
+    over examples and output positions (the input rows of the layer's rule,
+    :meth:`~kfacbound.curvature.modules.CurvatureRule.unfold`). Computed with forward hooks in
+    eval mode, float64 sums.
     """
     modules = dict(model.named_modules())
     names = resolve_layers(model, layers)
@@ -90,13 +92,8 @@ def layer_input_means(
 
     def hook_for(name: str):
         def hook(module, inputs, output):
-            a = inputs[0].detach()
-            if isinstance(module, nn.Conv2d):
-                u = F.unfold(a, module.kernel_size, dilation=module.dilation,
-                             padding=module.padding, stride=module.stride)  # [N, D, T]
-                u = u.transpose(1, 2).reshape(-1, u.shape[1])
-            else:
-                u = a.reshape(a.shape[0], -1)
+            u = rule_for(module).unfold(module, inputs[0].detach())  # [N, T, D]
+            u = u.reshape(-1, u.shape[-1])
             s = u.to(torch.float64).sum(0)
             sums[name] = sums[name] + s if name in sums else s
             counts[name] = counts.get(name, 0) + u.shape[0]

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..curvature.layout import curvature_layers, layer_matrix, set_layer_matrix
+from ..curvature.modules import is_curvature_layer, rule_for
 from ..errors import KfacboundError, UnsupportedModuleError
 from ..models import fold_batchnorm, has_batchnorm
 from .pacbayes import GRID_B, GRID_C, grid_j, kl_isotropic_terms
@@ -79,20 +80,13 @@ class LayerPosterior(nn.Module):
 
     def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32):
         super().__init__()
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not is_curvature_layer(module):
             raise UnsupportedModuleError(f"no posterior for {type(module).__name__}")
-        self.kind = "linear" if isinstance(module, nn.Linear) else "conv"
+        # the layer as a function of W̃, from its module rule (curvature/modules.py)
+        self.layer_fn = rule_for(module).function(module)
+        self.kind = self.layer_fn.kind
         self.has_bias = module.bias is not None
         self.weight_shape = tuple(module.weight.shape)
-        if self.kind == "conv":
-            self.conv_args = {
-                "stride": module.stride, "padding": module.padding,
-                "dilation": module.dilation, "groups": module.groups,
-            }
-            if module.groups != 1:
-                raise UnsupportedModuleError("grouped convolutions are not supported")
-            if module.padding_mode != "zeros":
-                raise UnsupportedModuleError("only zero padding is supported")
         self.mean = nn.Parameter(layer_matrix(module).detach().to(dtype).clone())
 
     @property
@@ -145,42 +139,23 @@ class LayerPosterior(nn.Module):
         ls = self.log_std_used(dtype=dtype)
         return torch.exp(2 * ls).sum(), 2 * ls.sum()
 
-    def _split(self, mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.has_bias:
-            w, b = mat[..., :-1], mat[..., -1]
-        else:
-            w, b = mat, None
-        return w, b
-
     def forward(self, a: torch.Tensor, sample: bool = True, per_example: bool = True):
+        fn = self.layer_fn
         if self.kind == "linear":
-            w, b = self._split(self.mean)
-            z = F.linear(a, w, b)
+            z = fn(a, self.mean)
             if not sample:
                 return z
             if a.ndim != 2:
                 raise UnsupportedModuleError(
                     f"a sampled linear layer needs (batch, features) inputs, got {tuple(a.shape)}"
                 )
-            a1 = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) if self.has_bias else a
-            return z + self.linear_noise(a1)
-        # conv
+            return z + self.linear_noise(fn.rows(a))
+        # conv: a kernel shared over positions, drawn per batch or per example
         if not sample:
-            w, b = self._split(self.mean)
-            return F.conv2d(a, w.reshape(self.weight_shape), b, **self.conv_args)
+            return fn(a, self.mean)
         if not per_example:
-            mat = self.mean + self.sample_noise(1)[0]
-            w, b = self._split(mat)
-            return F.conv2d(a, w.reshape(self.weight_shape), b, **self.conv_args)
-        B = a.shape[0]
-        mats = self.mean.unsqueeze(0) + self.sample_noise(B)  # B × out × in1
-        w, b = self._split(mats)
-        out_c = self.weight_shape[0]
-        w = w.reshape(B * out_c, *self.weight_shape[1:])
-        args = dict(self.conv_args, groups=B)
-        z = F.conv2d(a.reshape(1, B * a.shape[1], *a.shape[2:]), w,
-                     None if b is None else b.reshape(-1), **args)
-        return z.reshape(B, out_c, *z.shape[2:])
+            return fn(a, self.mean + self.sample_noise(1)[0])
+        return fn.per_example(a, self.mean.unsqueeze(0) + self.sample_noise(a.shape[0]))
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -463,7 +438,7 @@ class GaussianPosterior(nn.Module):
         found = curvature_layers(model)
         self.layer_paths: list[str] = [path for path, _ in found]
         all_paths = [p for p, m in model.named_modules(remove_duplicate=False)
-                     if isinstance(m, (nn.Linear, nn.Conv2d))]
+                     if is_curvature_layer(m)]
         if len(all_paths) != len(self.layer_paths):
             shared = sorted(set(all_paths) - set(self.layer_paths))
             raise UnsupportedModuleError(
@@ -471,7 +446,7 @@ class GaussianPosterior(nn.Module):
                 "not supported by the posteriors"
             )
         for path, module in model.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if is_curvature_layer(module):
                 if path not in layers:
                     raise UnsupportedModuleError(f"layer {path!r} has no posterior")
                 continue

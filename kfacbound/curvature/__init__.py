@@ -11,6 +11,9 @@
 - :mod:`.spectral`: Lanczos top-k, Hutchinson trace, stochastic Lanczos quadrature, eigenspace
   overlap.
 - :mod:`.layout`: the shared coordinates vec([W | b]) (row-major) of a layer block.
+- :mod:`.modules`: one rule per module type (curvature layer, BatchNorm, passive map) that all
+  of the above read; :func:`~.modules.register_module_rule` adds a type.
+- :mod:`.factors`: the Gram-product accumulators both K-FAC backends share.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .layout import CURVATURE_LAYERS, curvature_layers, layer_matrix, layer_vector
+from .layout import curvature_layers, layer_matrix, layer_vector
+from .modules import register_module_rule, rule_for
 
 # Submodules import BackPACK/scipy: load them on first use.
 _LAZY = {
+    "CURVATURE_LAYERS": ".layout",  # read from the module registry on each access
     "compute_kfac": ".kfac",
     "KFACResult": ".kfac",
     "KronLayer": ".kfac_layer",
@@ -45,4 +50,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'kfacbound.curvature' has no attribute {name!r}")
 
 
-__all__ = ["CURVATURE_LAYERS", "curvature_layers", "layer_matrix", "layer_vector", *_LAZY]
+__all__ = ["curvature_layers", "layer_matrix", "layer_vector", "register_module_rule",
+           "rule_for", *_LAZY]

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import KfacboundError
 from ..progress import progress_bar
+from .modules import LinearRule, rule_for
 from .operators import CurvatureProblem
 
 DEFAULT_MAX_PARAMS = 6000
@@ -189,9 +190,10 @@ MLP_BLOCK_ELEMENTS = 2**24  # largest work tensor (examples × out_l × p_m) of 
 def mlp_layers(problem: CurvatureProblem) -> list[tuple[nn.Linear, nn.Module | None]] | None:
     """(Linear, activation after it or None) when :func:`_mlp_hessian` applies, else None.
 
-    It applies to an nn.Sequential of an optional leading Flatten, then Linear layers, each but
-    the last followed by at most one ReLU/Tanh/Sigmoid/Identity (the last Linear gives the
-    output), with a selection made of whole Linear layer blocks (any subset, any order)."""
+    It applies to an nn.Sequential of an optional leading Flatten, then Linear layers (modules
+    whose rule is :class:`~.modules.LinearRule` itself), each but the last followed by at most
+    one ReLU/Tanh/Sigmoid/Identity (the last Linear gives the output), with a selection made of
+    whole Linear layer blocks (any subset, any order)."""
     model = problem.model
     if not isinstance(model, nn.Sequential):
         return None
@@ -200,7 +202,7 @@ def mlp_layers(problem: CurvatureProblem) -> list[tuple[nn.Linear, nn.Module | N
         mods = mods[1:]
     layers: list[tuple[nn.Linear, nn.Module | None]] = []
     for m in mods:
-        if isinstance(m, nn.Linear):
+        if type(rule_for(m)) is LinearRule:  # z = F.linear(a, W, b), Linear's own rule
             layers.append((m, None))
         elif isinstance(m, _ACTIVATIONS) and layers and layers[-1][1] is None:
             layers[-1] = (layers[-1][0], m)

@@ -62,6 +62,12 @@ G and Ã wherever it sits — main path or shortcut projection — and autograd 
 γ at z is Σ over all paths from z to the logits. Each layer must be called once per forward and
 its output must not be modified in place later (checked). The BackPACK backend needs an
 nn.Sequential.
+
+Module types: which modules carry factors, how a layer's input is unfolded into the rows of Ã and
+its output columns reshaped for G, BatchNorm's scaling and diagonal, the BackPACK extension of a
+type and the configurations refused are read from the module rules of :mod:`.modules`
+(:func:`~.modules.register_module_rule` adds a type); the Gram accumulators are in
+:mod:`.factors`.
 """
 
 from __future__ import annotations
@@ -80,8 +86,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import KfacboundError, UnsupportedModuleError
 from ..losses import check_loss, prepare_targets
+from . import factors
 from .kfac_layer import KronLayer
-from .layout import CURVATURE_LAYERS
+from .modules import (
+    curvature_rule,
+    is_batchnorm,
+    is_curvature_layer,
+    registered_rules,
+    rule_for,
+    supported_names,
+    types_where,
+    unsupported,
+)
 
 METHODS = ("kfac", "kflr", "kfra")
 BACKENDS = ("auto", "native", "backpack")
@@ -89,17 +105,18 @@ BIAS_MODES = ("homogeneous", "separate")
 CONV_CONVENTION = "kfc-expand"
 FORMAT = "kfacbound-kfac"
 
-BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
-BACKPACK_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d,
-    nn.Flatten, nn.Dropout, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity,
-)
-SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (*BACKPACK_MODULES, nn.AdaptiveAvgPool2d)
-_CONTAINERS: tuple[type[nn.Module], ...] = (nn.Sequential,)
+# Read from the module registry (modules.py) on each access: see __getattr__ below.
+_DYNAMIC = {
+    "BN_TYPES": lambda rule: rule.batchnorm,
+    "BACKPACK_MODULES": lambda rule: not rule.container and rule.backpack is not None,
+    "SUPPORTED_MODULES": lambda rule: not rule.container,
+}
 
 
-def supported_names() -> str:
-    return ", ".join(m.__name__ for m in SUPPORTED_MODULES)
+def __getattr__(name: str) -> Any:
+    if name in _DYNAMIC:
+        return types_where(_DYNAMIC[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_graph_container(module: nn.Module) -> bool:
@@ -115,233 +132,70 @@ def is_graph_container(module: nn.Module) -> bool:
 def check_supported(model: nn.Module, backend: str = "native") -> None:
     """Raise :class:`UnsupportedModuleError` naming the first module K-FAC cannot handle.
 
-    Allowed: leaf modules of :data:`SUPPORTED_MODULES` (Conv2d with groups = 1 and zero padding
-    given as integers; BatchNorm with affine parameters and running statistics) inside
-    nn.Sequential containers or any graph container (:func:`is_graph_container`: residual
-    blocks, ResNets), each Linear/Conv2d called once per forward pass. The BackPACK backend
-    needs nn.Sequential containers of :data:`BACKPACK_MODULES` (BackPACK has no rule for a sum
-    of branches in KFLR/KFRA).
+    Allowed: modules with a rule (:func:`~.modules.rule_for`; built in: Linear, Conv2d with
+    groups = 1 and zero padding given as integers, BatchNorm1d/2d with affine parameters and
+    running statistics, parameter-free activations, poolings, Flatten, Dropout, Identity)
+    inside nn.Sequential containers or any graph container (:func:`is_graph_container`:
+    residual blocks, ResNets), each curvature layer called once per forward pass. The BackPACK
+    backend needs nn.Sequential containers of types whose own rule has a BackPACK extension
+    (BackPACK has no rule for a sum of branches in KFLR/KFRA).
     """
+    registered = registered_rules()
     for path, module in model.named_modules():
-        where = f"module {path or '<root>'!r} ({type(module).__name__})"
-        if isinstance(module, _CONTAINERS):
+        rule = rule_for(module)
+        if rule is not None and rule.container:
             continue
-        if type(module) not in SUPPORTED_MODULES:
+        if rule is None:
             if not is_graph_container(module):
-                raise UnsupportedModuleError(
-                    f"{where} is not supported by K-FAC extraction; supported: "
-                    f"{supported_names()} (inside nn.Sequential or containers without "
-                    "parameters of their own, e.g. residual blocks)"
+                raise unsupported(
+                    path, module,
+                    f" is not supported by K-FAC extraction; supported: {supported_names()} "
+                    "(inside nn.Sequential or containers without parameters of their own, e.g. "
+                    "residual blocks)"
                 )
             if backend == "backpack":
-                raise UnsupportedModuleError(
-                    f"{where} is not an nn.Sequential: the BackPACK backend (and KFRA) needs a "
+                raise unsupported(
+                    path, module,
+                    " is not an nn.Sequential: the BackPACK backend (and KFRA) needs a "
                     "sequential network; use backend='native' with method kfac or kflr"
                 )
             continue
-        if backend == "backpack" and type(module) not in BACKPACK_MODULES:
-            raise UnsupportedModuleError(
-                f"{where} is not supported by the BackPACK backend; use backend='native'"
-            )
-        if isinstance(module, nn.Conv2d) and (
-            module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
-        ):
-            raise UnsupportedModuleError(
-                f"{where}: only groups=1, padding_mode='zeros' and integer padding are supported"
-            )
-        if isinstance(module, BN_TYPES) and not (module.affine and module.track_running_stats):
-            raise UnsupportedModuleError(
-                f"{where}: BatchNorm needs affine=True and running statistics (eval mode)"
-            )
+        own = registered.get(type(module))  # BackPACK dispatches on the exact type
+        if backend == "backpack" and (own is None or own.backpack is None):
+            raise unsupported(path, module,
+                              " is not supported by the BackPACK backend; use backend='native'")
+        rule.check(module, path)
 
 
 # ---------------------------------------------------------------------------- shared pieces
+# The factor arithmetic lives in the module rules (modules.py) and factors.py; these names are
+# kept for callers of the earlier API.
+_gram_upper_ = factors.gram_upper_
+_add_gram = factors.add_gram
+_conv_gram = factors.conv_gram
+_new_acc = factors.new_acc
+_acc = factors.accumulate
+
+
 def input_factor(module: nn.Module, a: torch.Tensor,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out`` += Σ over the batch of ã ãᵀ (conv: (1/T) Σ_{i,t} ũ ũᵀ), ã = [a; 1] with a bias.
-
-    Linear: one half-flop Gram product (:func:`_add_gram`) in the input's dtype. Conv2d:
-    :func:`_conv_input_factor` (float64 accumulator). ``out`` is allocated when None; divide the
-    final sum by the number of examples for Ã.
-    """
-    a = a.detach()
-    if isinstance(module, nn.Conv2d):
-        return _conv_input_factor(module, a, out)
-    u = a.reshape(a.shape[0], -1)
-    d = u.shape[1]
-    if out is None:
-        out = _new_acc(d + int(module.bias is not None), u)
-    _add_gram(out[:d, :d], u)
-    if module.bias is not None:
-        s = u.sum(0)
-        out[:d, d] += s
-        out[d, :d] += s
-        out[d, d] += u.shape[0]
-    return out
-
-
-def _patch_view(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
-    """The unfolded input patches as a strided view [C_in, kh, kw, N, H_out, W_out] (no copy
-    beyond the zero padding): entry (c, i, j, n, p, q) = x_pad[n, c, p·s_h + i·d_h, q·s_w + j·d_w],
-    i.e. ``F.unfold(a)`` [N, D, T] with D = (c, i, j) in ``weight.reshape(out, -1)`` order."""
-    ph, pw = module.padding
-    xp = F.pad(a, (pw, pw, ph, ph)) if (ph or pw) else a
-    N, C, H, W = xp.shape
-    kh, kw = module.kernel_size
-    sh, sw = module.stride
-    dh, dw = module.dilation
-    Ho = (H - dh * (kh - 1) - 1) // sh + 1
-    Wo = (W - dw * (kw - 1) - 1) // sw + 1
-    sN, sC, sH, sW = xp.stride()
-    return xp.as_strided((C, kh, kw, N, Ho, Wo), (sC, sH * dh, sW * dw, sN, sH * sh, sW * sw),
-                         xp.storage_offset())
-
-
-def _conv_input_factor(module: nn.Conv2d, a: torch.Tensor,
-                       out: torch.Tensor | None) -> torch.Tensor:
-    """``out`` (float64) += (1/T) Σ_{i,t} ũ ũᵀ for the patches ũ = [u; 1] of a conv input.
-
-    Chunks of b examples (b·T ≈ GRAM_CHUNK rows) of the strided patch view are copied straight
-    into a [D, b·T] matrix (3–5× faster than ``F.unfold`` followed by a transposed copy, measured
-    on LeNet-5's layers), whose Gram product is formed in the input's dtype by
-    :func:`_gram_upper_` and added into the float64 accumulator.
-    """
-    view = _patch_view(module, a)
-    C, kh, kw, N, Ho, Wo = view.shape
-    D, T = C * kh * kw, Ho * Wo
-    size = D + int(module.bias is not None)
-    if out is None:
-        out = torch.zeros(size, size, dtype=torch.float64, device=a.device)
-    step = max(1, GRAM_CHUNK // T)
-    tmp = torch.zeros(D, D, dtype=a.dtype, device=a.device)
-    for start in range(0, N, step):
-        c = view[:, :, :, start:start + step].reshape(D, -1)
-        if start:
-            tmp.zero_()
-        out[:D, :D].add_(_gram_upper_(tmp, c.T), alpha=1.0 / T)
-        if module.bias is not None:
-            s = c.sum(1).to(torch.float64) / T
-            out[:D, D] += s
-            out[D, :D] += s
-    if module.bias is not None:
-        out[D, D] += N
-    return out
-
-
-def _conv_gram(out: torch.Tensor, U: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """``out`` (float64, D×D) += alpha · Σ_i U_i U_iᵀ for U [B, D, T] (B examples or columns).
-
-    Over chunks of about GRAM_CHUNK rows (b examples with b·T ≈ GRAM_CHUNK): the chunk is
-    copied into a [D, b·T] matrix (cache-sized), its Gram product formed in U's dtype by
-    :func:`_gram_upper_` and added into the float64 ``out``. (Measured against a transposed copy
-    of all N·T rows and against per-example batched GEMMs on LeNet-5 and ResNet shapes: fastest
-    or within 20% of the fastest on each.)
-    """
-    B, D, T = U.shape
-    step = max(1, GRAM_CHUNK // max(T, 1))
-    tmp = torch.zeros(D, D, dtype=U.dtype, device=U.device)
-    for start in range(0, B, step):
-        c = U[start:start + step].permute(1, 0, 2).reshape(D, -1)
-        if start:
-            tmp.zero_()
-        out.add_(_gram_upper_(tmp, c.T), alpha=alpha)
-    return out
-
-
-GRAM_CHUNK = 16384  # rows per GEMM before partial sums move to a float64 accumulator
-
-
-def _new_acc(size: int, M: torch.Tensor) -> torch.Tensor:
-    """Accumulator for Σ Mᵀ M: M's dtype, or float64 when a batch has more than GRAM_CHUNK rows.
-
-    A conv layer's rows are columns × examples × positions (1.8M per batch of 256 for LeNet's
-    first layer); summed in float32 they lost 2e-3 relative accuracy against float64.
-    """
-    dtype = torch.float64 if M.shape[0] > GRAM_CHUNK else M.dtype
-    return torch.zeros(size, size, dtype=dtype, device=M.device)
-
-
-GRAM_BLOCK = 50  # target width of the column blocks of :func:`_gram_upper_` (see there)
-
-
-def _gram_upper_(out: torch.Tensor, M: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """``out`` += alpha · Mᵀ M in place with about half the flops of one GEMM (a "SYRK").
-
-    The d columns of M are split into b ≈ d / GRAM_BLOCK blocks B_1 … B_b; block row i gets one
-    GEMM out[B_i, B_i ∪ … ∪ B_b] += M[:, B_i]ᵀ M[:, B_i ∪ … ∪ B_b] (the upper block triangle,
-    (b + 1)/(2b) of the full product's flops), then the strictly lower blocks are copied from the
-    upper ones. ``out`` must be symmetric on entry (e.g. zeros or an earlier sum): the result is
-    then exactly the symmetric Σ Mᵀ M. torch has no SYRK and this runs on any device; on this
-    project's CPU it was 1.5–2× faster than one full GEMM for d ≥ 600 (1 thread).
-    """
-    d = M.shape[1]
-    b = max(1, round(d / GRAM_BLOCK))
-    if b == 1:
-        return out.addmm_(M.T, M, alpha=alpha)
-    edges = [round(d * k / b) for k in range(b + 1)]
-    for i in range(b):
-        lo, hi = edges[i], edges[i + 1]
-        out[lo:hi, lo:].addmm_(M[:, lo:hi].T, M[:, lo:], alpha=alpha)
-    for i in range(b - 1):
-        lo, hi = edges[i], edges[i + 1]
-        out[hi:, lo:hi].copy_(out[lo:hi, hi:].T)
-    return out
-
-
-def _add_gram(out: torch.Tensor, M: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """``out`` += alpha · Mᵀ M in place (``out`` symmetric): one half-flop blocked product
-    (:func:`_gram_upper_`) when dtypes match (Linear layers), else products over chunks of
-    GRAM_CHUNK rows, each formed in M's dtype and added into the float64 ``out`` (conv layers).
-
-    (scipy's BLAS SYRK was 2× faster alone on 1 thread but slower inside the loop with 2 threads:
-    its OpenBLAS threads compete with torch's; and it is CPU-only.)
-    """
-    if out.dtype == M.dtype:
-        return _gram_upper_(out, M, alpha=alpha)
-    tmp = None
-    for start in range(0, M.shape[0], GRAM_CHUNK):
-        c = M[start:start + GRAM_CHUNK]
-        if tmp is None:
-            tmp = torch.zeros(M.shape[1], M.shape[1], dtype=M.dtype, device=M.device)
-        else:
-            tmp.zero_()
-        out.add_(_gram_upper_(tmp, c), alpha=alpha)
-    return out
+    """``out`` += Σ over the batch of ã ãᵀ (conv: (1/T) Σ_{i,t} ũ ũᵀ), ã = [a; 1] with a bias:
+    :meth:`~.modules.CurvatureRule.input_factor` of the layer's rule. ``out`` is allocated when
+    None; divide the final sum by the number of examples for Ã."""
+    return curvature_rule(module).input_factor(module, a, out)
 
 
 def output_factor(module: nn.Module, grads: torch.Tensor,
                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out`` += Σ_{v,i,t} γ γᵀ from the backpropagated columns ``grads`` [V, N, out, *spatial].
-
-    Linear: one half-flop Gram product in the gradients' dtype; conv: :func:`_conv_gram` on the
-    [V·N, out, T] view (float64 accumulator)."""
-    g = grads.detach()
-    if g.ndim > 3:
-        g = g.reshape(g.shape[0] * g.shape[1], g.shape[2], -1)  # [V·N, C, T]
-        if out is None:
-            out = torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64, device=g.device)
-        return _conv_gram(out, g)
-    g = g.reshape(-1, g.shape[-1])
-    if out is None:
-        out = _new_acc(g.shape[1], g)
-    return _add_gram(out, g)
+    """``out`` += Σ_{v,i,t} γ γᵀ from the backpropagated columns ``grads`` [V, N, out, *spatial]:
+    :meth:`~.modules.CurvatureRule.output_factor` of the layer's rule."""
+    return curvature_rule(module).output_factor(module, grads, out)
 
 
 def bn_diag(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Σ over columns and examples of the exact GGN diagonal of BN's γ (weight) and β (bias).
-
-    ``x``: BN input [N, ch, *]; ``delta``: exact square-root columns at the BN output
-    [V, N, ch, *]. diag_β = Σ (Σ_t δ)², diag_γ = Σ (Σ_t δ x̂)², x̂ = (x − μ)/√(σ² + ε).
-    """
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    xhat = (x.detach() - module.running_mean.reshape(shape)) / torch.sqrt(
-        module.running_var.reshape(shape) + module.eps
-    )
-    d = delta.detach().to(torch.float64)
-    dims = tuple(range(3, d.ndim))
-    sb = d.sum(dims) if dims else d
-    sw = (d * xhat.to(torch.float64)).sum(dims) if dims else d * xhat.to(torch.float64)
-    return {"weight": (sw**2).sum((0, 1)), "bias": (sb**2).sum((0, 1))}
+    """Σ over columns and examples of the exact GGN diagonal of BN's γ (weight) and β (bias):
+    :meth:`~.modules.BatchNormRule.ggn_diag`."""
+    return rule_for(module).ggn_diag(module, x, delta)
 
 
 def _ce_sqrt(f: torch.Tensor) -> torch.Tensor:
@@ -593,7 +447,7 @@ def _use_batched(model: nn.Module) -> bool:
     measured on T-600 and LeNet-5, CPU)."""
     if BATCHED_COLUMNS != "auto":
         return bool(BATCHED_COLUMNS)
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return any(is_curvature_layer(m) and rule_for(m).batched_columns for m in model.modules())
 
 
 def _vjp_groups(outputs: torch.Tensor, inputs: list[torch.Tensor], cols: torch.Tensor,
@@ -658,14 +512,6 @@ def _add_bn(hooks, bn_names, grads, bn_sums):
                 bn_sums[b][k] += d[k]
 
 
-def _acc(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor, alpha: float = 1.0
-         ) -> None:
-    """sums[name] += alpha · value (in value's dtype)."""
-    if name not in sums:
-        sums[name] = torch.zeros_like(value)
-    sums[name].add_(value, alpha=alpha)
-
-
 # ---------------------------------------------------------------------------- entry point
 def compute_kfac(
     model: nn.Module,
@@ -711,8 +557,8 @@ def compute_kfac(
         )
     device = torch.device(device)
     model = _prepare_model(model, device, backend)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, CURVATURE_LAYERS)}
-    bns = {n: m for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
+    layers = {n: m for n, m in model.named_modules() if is_curvature_layer(m)}
+    bns = {n: m for n, m in model.named_modules() if is_batchnorm(m)}
     if not layers:
         raise KfacboundError("the model has no Linear or Conv2d layer")
     dtype = next(model.parameters()).dtype

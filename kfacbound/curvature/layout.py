@@ -6,27 +6,37 @@ matrix W̃ = [W | b] (out × (in + 1)); its parameter vector is vec(W̃) row-maj
 o·(in + 1) + i, where i = in is the bias. Then a Kronecker factorisation G ⊗ Ã with
 Ã = E[ã ãᵀ], ã = [a; 1] (homogeneous coordinates) acts on exactly this vector. Without a bias
 W̃ = W and the vector is ``W.flatten()``.
+
+Which module types are such layers, and how their parameters map to W̃, is said by their rules
+(:class:`~kfacbound.curvature.modules.CurvatureRule`); the functions here look the rule up.
+``CURVATURE_LAYERS`` is the tuple of the registered layer types, read from the registry on each
+access.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-CURVATURE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+from .modules import curvature_rule, is_curvature_layer, types_where
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CURVATURE_LAYERS":
+        return types_where(lambda rule: rule.curvature)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def curvature_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(module path, module) of every Linear/Conv2d layer, in ``named_modules()`` order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, CURVATURE_LAYERS)]
+    return [(n, m) for n, m in model.named_modules() if is_curvature_layer(m)]
 
 
 def layer_matrix(module: nn.Module) -> torch.Tensor:
     """W̃ = [W | b] of shape (out, in[+1]) (a view-free copy)."""
-    w = module.weight.reshape(module.weight.shape[0], -1)
-    if module.bias is None:
-        return w.clone()
-    return torch.cat([w, module.bias.reshape(-1, 1)], dim=1)
+    return curvature_rule(module).layer_matrix(module)
 
 
 def layer_vector(module: nn.Module) -> torch.Tensor:
@@ -35,18 +45,12 @@ def layer_vector(module: nn.Module) -> torch.Tensor:
 
 
 def layer_size(module: nn.Module) -> int:
-    return sum(p.numel() for p in (module.weight, module.bias) if p is not None)
+    return curvature_rule(module).layer_size(module)
 
 
 def set_layer_matrix(module: nn.Module, mat: torch.Tensor) -> None:
     """Write W̃ (out × in[+1]) back into the module's weight and bias."""
-    with torch.no_grad():
-        out = module.weight.shape[0]
-        mat = mat.reshape(out, -1)
-        n_w = module.weight[0].numel()
-        module.weight.copy_(mat[:, :n_w].reshape(module.weight.shape))
-        if module.bias is not None:
-            module.bias.copy_(mat[:, n_w])
+    curvature_rule(module).set_layer_matrix(module, mat)
 
 
 def torch_to_layout_index(module: nn.Module) -> torch.Tensor:
@@ -55,10 +59,4 @@ def torch_to_layout_index(module: nn.Module) -> torch.Tensor:
     Use it to permute a block computed in PyTorch's parameter order (weight then bias) into the
     layout above: ``H_layout = H_torch[idx][:, idx]``.
     """
-    out = module.weight.shape[0]
-    n_w = module.weight[0].numel()
-    w_idx = torch.arange(out * n_w).reshape(out, n_w)
-    if module.bias is None:
-        return w_idx.reshape(-1)
-    b_idx = out * n_w + torch.arange(out).reshape(out, 1)
-    return torch.cat([w_idx, b_idx], dim=1).reshape(-1)
+    return curvature_rule(module).torch_to_layout_index(module)

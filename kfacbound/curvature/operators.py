@@ -43,7 +43,7 @@ from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 from ..data import dataset_tensors as dataset_tensors  # re-export: its old home
 from ..errors import KfacboundError
 from ..losses import make_loss, prepare_targets
-from .layout import CURVATURE_LAYERS
+from .modules import CurvatureRule, rule_for
 
 # Memory budget (bytes) for one vectorised chunk of products; sets the default chunk size.
 CHUNK_MEMORY = 256 * 2**20
@@ -75,6 +75,7 @@ class _Entry:
     shapes: list[torch.Size]
     size: int
     offset: int = 0
+    rule: CurvatureRule | None = None  # the layer's rule (its layout), for kind "layer"
 
 
 class ParameterSelection:
@@ -105,17 +106,17 @@ class ParameterSelection:
                 module = modules[label]
                 own = [(f"{label}.{k}" if label else k, p)
                        for k, p in module.named_parameters(recurse=False)]
-                if isinstance(module, CURVATURE_LAYERS):
-                    own = [(f"{label}.weight" if label else "weight", module.weight)]
-                    if module.bias is not None:
-                        own.append((f"{label}.bias" if label else "bias", module.bias))
+                rule = rule_for(module)
+                if rule is not None and rule.curvature:
+                    own = [(f"{label}.{k}" if label else k, p)
+                           for k, p in rule.layer_params(module)]
                     kind = "layer"
                 else:
-                    kind = "params"
+                    rule, kind = None, "params"
                 if not own:
                     raise KfacboundError(f"module {label!r} has no parameters of its own")
             elif label in named:
-                own, kind = [(label, named[label])], "params"
+                own, kind, rule = [(label, named[label])], "params", None
             else:
                 layers = [n for n, m in model.named_modules() if any(True for _ in
                                                                       m.parameters(recurse=False))]
@@ -129,7 +130,7 @@ class ParameterSelection:
                 seen.add(name)
             size = sum(p.numel() for _, p in own)
             self.entries.append(_Entry(label, kind, [n for n, _ in own],
-                                       [p.shape for _, p in own], size, offset))
+                                       [p.shape for _, p in own], size, offset, rule))
             offset += size
         self.size = offset
         self.names = seen
@@ -145,10 +146,8 @@ class ParameterSelection:
         for e in self.entries:
             tensors = [named[n].detach() for n in e.names]
             if e.kind == "layer":
-                w = tensors[0].reshape(tensors[0].shape[0], -1)
-                if len(tensors) == 2:
-                    w = torch.cat([w, tensors[1].reshape(-1, 1)], dim=1)
-                parts.append(w.reshape(-1))
+                bias = tensors[1] if len(tensors) == 2 else None
+                parts.append(e.rule.matrix(tensors[0], bias).reshape(-1))
             else:
                 parts.extend(t.reshape(-1) for t in tensors)
         return torch.cat(parts).clone()
@@ -159,12 +158,10 @@ class ParameterSelection:
         for e in self.entries:
             chunk = theta[e.offset:e.offset + e.size]
             if e.kind == "layer":
-                w_shape = e.shapes[0]
-                n_w = math.prod(w_shape[1:])
-                mat = chunk.reshape(w_shape[0], -1)
-                out[e.names[0]] = mat[:, :n_w].reshape(w_shape)
-                if len(e.names) == 2:
-                    out[e.names[1]] = mat[:, n_w]
+                w, b = e.rule.split(chunk, e.shapes[0], len(e.names) == 2)
+                out[e.names[0]] = w
+                if b is not None:
+                    out[e.names[1]] = b
             else:
                 start = 0
                 for name, shape in zip(e.names, e.shapes, strict=True):
