@@ -82,8 +82,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
+from ..data import dataset_tensors
 from ..errors import KfacboundError, UnsupportedModuleError
 from ..losses import check_loss, prepare_targets
 from . import factors
@@ -275,22 +276,22 @@ def _prepare_model(model: nn.Module, device: str | torch.device,
 
 def _batches(data: Any, batch_size: int) -> tuple[Iterable, int | None]:
     """(iterator over (X, y) batches, number of batches or None)."""
-    if isinstance(data, TensorDataset):
-        X, y = data.tensors[0], data.tensors[1]
-        n = X.shape[0]
-        starts = range(0, n, batch_size)
-        return ((X[s:s + batch_size], y[s:s + batch_size]) for s in starts), len(starts)
     if isinstance(data, DataLoader):
         try:
             total = len(data)
         except TypeError:
             total = None
         return ((b[0], b[1]) for b in data), total
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return _batches(TensorDataset(data[0], data[1]), batch_size)
-    raise KfacboundError(
-        "data must be a TensorDataset (X, y), a DataLoader of (X, y) or a tuple (X, y)"
-    )
+    if isinstance(data, (tuple, list)) and not (len(data) == 2
+                                                and isinstance(data[0], torch.Tensor)):
+        data = None  # not a pair (X, y): refused below
+    try:
+        X, y = dataset_tensors(data)
+    except KfacboundError:
+        raise KfacboundError("data must be a TensorDataset (X, y), a DataLoader of (X, y) or a "
+                             "tuple (X, y)") from None
+    starts = range(0, X.shape[0], batch_size)
+    return ((X[s:s + batch_size], y[s:s + batch_size]) for s in starts), len(starts)
 
 
 def _batch_seed(seed: int, batch: int) -> int:
@@ -339,7 +340,7 @@ class KFACResult(Mapping):
         ``<bn path>.ggn_diag_weight`` / ``.ggn_diag_bias``; JSON metadata under "kfacbound"."""
         from safetensors.torch import save_file
 
-        from ..checkpoint import atomic_write
+        from ..io import atomic_write
 
         tensors: dict[str, torch.Tensor] = {}
         layers_meta = []
