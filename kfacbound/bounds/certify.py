@@ -97,12 +97,13 @@ def certify(model_or_ckpt: Any, data: Any = None, config: CertifyConfig | None =
     is loaded when the dataset is named (or pass ``test_data``); it is only reported, never
     certified on. ``config``: the options (default :data:`.config.DEFAULTS`).
     """
-    return _certify(model_or_ckpt, data, config or DEFAULTS, init_model, test_data, 3)
+    return _certify(model_or_ckpt, data, config or DEFAULTS, init_model, test_data)
 
 
 def _certify(model_or_ckpt: Any, data: Any, config: CertifyConfig,
-             init_model: nn.Module | None, test_data: Any, stacklevel: int) -> Certificate:
-    """:func:`certify`; warnings are shown at the caller ``stacklevel`` frames up."""
+             init_model: nn.Module | None, test_data: Any) -> Certificate:
+    """:func:`certify`, called by it and by :func:`certify_checkpoint`: the prior's warnings are
+    shown at their caller, two frames up."""
     t0 = time.perf_counter()
     family = posterior_family(config.posterior)
     inputs = resolve_inputs(model_or_ckpt, data, init_model=init_model, test_data=test_data,
@@ -126,7 +127,7 @@ def _certify(model_or_ckpt: Any, data: Any, config: CertifyConfig,
         warnings.simplefilter("always")
         P = make_prior(Q, pd, config)
     for w in caught:
-        warnings.warn(str(w.message), stacklevel=stacklevel)
+        warnings.warn(str(w.message), stacklevel=3)
     with torch.no_grad():
         kl_start = float(posterior_kl(Q, P, dtype=torch.float64))
 
@@ -230,7 +231,7 @@ def certify_checkpoint(*args: Any, **kwargs: Any) -> dict[str, Any]:
     options = certify_checkpoint.__signature__.bind(*args, **kwargs).arguments
     target, data = options.pop("ckpt_or_model"), options.pop("dataset", None)
     init, test = options.pop("init_model", None), options.pop("test_dataset", None)
-    return _certify(target, data, CertifyConfig(**options), init, test, 3).to_json()
+    return _certify(target, data, CertifyConfig(**options), init, test).to_json()
 
 
 certify_checkpoint.__signature__ = _checkpoint_signature()  # type: ignore[attr-defined]

@@ -104,6 +104,12 @@ def posterior_family(family: str | PosteriorFamily) -> PosteriorFamily:
     return FAMILIES[family]
 
 
+def family_names(**attrs: Any) -> list[str]:
+    """Names of the registered families whose attributes equal ``attrs`` (all without)."""
+    return [name for name, f in FAMILIES.items()
+            if all(getattr(f, key) == value for key, value in attrs.items())]
+
+
 def family_help() -> str:
     """``name (summary), …`` of every registered family, for the CLI help."""
     return ", ".join(f"{f.name} ({f.summary})" for f in FAMILIES.values())

@@ -20,13 +20,13 @@ Which layer class a posterior family uses, and which curvature it is built from,
 the family registry :mod:`kfacbound.bounds.families`; :func:`build_posterior` reads it.
 
 Z, z, z′ are standard normal. The prior is P = N(w0, λI)
-(:class:`kfacbound.bounds.prior.IsotropicPrior`), w0 the
-(folded) initial weights, λ = exp(log λ) trainable. Because P is isotropic,
-KL(Q‖P) = ½[tr Σ/λ + ‖M − w0‖²/λ − k + k ln λ − ln det Σ] whatever the bases are
-(:func:`kfacbound.bounds.pacbayes.kl_isotropic_terms`). The certified tr Σ and ln det Σ are those
-of the Gaussian that is actually sampled: the Kronecker bases are stored in float32 for speed and
-are orthogonal only to rounding, so :meth:`KronEigenLayer.var_stats` uses their exact float64
-column norms and determinants; the exact-eigenbasis layer keeps and samples its basis in float64.
+(:class:`kfacbound.bounds.prior.IsotropicPrior`), w0 the (folded) initial weights, λ = exp(log λ)
+trainable. Because P is isotropic, KL(Q‖P) = ½[tr Σ/λ + ‖M − w0‖²/λ − k + k ln λ − ln det Σ]
+whatever the bases are (:func:`kfacbound.bounds.pacbayes.kl_isotropic_terms`). The certified
+tr Σ and ln det Σ are those of the Gaussian that is actually sampled: the Kronecker bases are
+stored in float32 for speed and are orthogonal only to rounding, so
+:meth:`KronEigenLayer.var_stats` uses their exact float64 column norms and determinants; the
+exact-eigenbasis layer keeps and samples its basis in float64.
 
 Sampling. ``forward(x, per_example=True)`` returns the outputs of a network drawn from Q
 *independently for every example*:

@@ -36,7 +36,7 @@ from ..curvature.layout import curvature_layers, layer_matrix
 from ..errors import KfacboundError
 from ..losses import make_loss, prepare_targets
 from ..progress import progress_bar
-from .families import FAMILIES, posterior_family
+from .families import family_names, posterior_family
 from .inputs import CertifyInputs, num_outputs
 from .kron_prior import TAU_GRID, KronPrior
 from .pacbayes import GRID_B, GRID_C, grid_j
@@ -181,7 +181,7 @@ def check_prior_options(config: CertifyConfig) -> None:
     if config.prior_kind == "curvature" and (
             config.prior_split is None or not posterior_family(config.posterior).kron_bases
             or config.basis_every):
-        kron = " or ".join(name for name, f in FAMILIES.items() if f.kron_bases)
+        kron = " or ".join(family_names(kron_bases=True))
         raise KfacboundError(
             "the curvature prior needs --prior-split (its factors come from the prior split) "
             f"and the {kron} posterior in the prior's fixed eigenbasis (no --basis-every)")

@@ -22,7 +22,7 @@ from ..bounds.config import (
     CertifyConfig,
     apply_recipe,
 )
-from ..bounds.families import FAMILIES, family_help
+from ..bounds.families import family_help, family_names
 from ..bounds.gather import CURVATURES
 from ..bounds.optimize import OBJECTIVES, SURROGATES
 from ..bounds.pacbayes import FORMULAS, GRID_B, GRID_C
@@ -49,7 +49,7 @@ from .common import (
                    "(K-FAC posterior, learnt prior on half the data, PBB scheme, fast "
                    "optimiser); options given explicitly override it; the output says what it "
                    "chose.")
-@click.option("--posterior", type=click.Choice(list(FAMILIES)), multiple=True,
+@click.option("--posterior", type=click.Choice(family_names()), multiple=True,
               default=("diag",), show_default=True,
               help=f"{family_help()}. Repeat it to certify each and keep the tightest, under a "
                    "union bound over the candidates (δ′/m each; the prior is shared).")
