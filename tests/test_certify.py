@@ -14,7 +14,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from kfacbound.bounds import certify as cf
-from kfacbound.bounds.posteriors import build_posterior, build_prior
+from kfacbound.bounds import gather
+from kfacbound.bounds.posteriors import build_posterior
+from kfacbound.bounds.prior import build_prior
 from kfacbound.curvature.layout import curvature_layers, layer_matrix
 from kfacbound.models import build_model, resolve_spec
 
@@ -84,7 +86,7 @@ def data_factors(model, X, y, loss, method="kflr", **_):
 @pytest.mark.parametrize("posterior", ["diag", "kfac"])
 def test_certificate_recomputes_independently(trained, posterior, monkeypatch):
     X, y, init, model = trained
-    monkeypatch.setattr(cf, "kfac_factors", data_factors)
+    monkeypatch.setattr(gather, "kfac_factors", data_factors)
     Xt, yt = toy_data(300, seed=1)
     cert = cf.certify_checkpoint(model, TensorDataset(X, y), posterior=posterior,
                                  iterations=150, mc_passes=3, init_model=init,

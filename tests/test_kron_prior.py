@@ -64,11 +64,12 @@ def test_curvature_prior_certificate_recomputes_and_starts_at_q_equals_p(monkeyp
     from torch.utils.data import TensorDataset
 
     from kfacbound.bounds import certify as cf
+    from kfacbound.bounds import gather
     from kfacbound.bounds.kron_prior import TAU_GRID
 
     from .test_certify import data_factors, toy_data, toy_model, train
 
-    monkeypatch.setattr(cf, "kfac_factors", data_factors)
+    monkeypatch.setattr(gather, "kfac_factors", data_factors)
     X, y = toy_data()
     _, init, model = toy_model()
     model = train(model, X, y)

@@ -15,11 +15,11 @@ from torch import nn
 from kfacbound.bounds.posteriors import (
     DiagLayer,
     ExactLayer,
-    KronLayer,
+    KronEigenLayer,
     build_posterior,
-    build_prior,
     exact_eigenbasis,
 )
+from kfacbound.bounds.prior import build_prior
 from kfacbound.curvature.layout import curvature_layers, layer_matrix
 from kfacbound.errors import KfacboundError, UnsupportedModuleError
 from kfacbound.models import build_model, resolve_spec
@@ -55,7 +55,7 @@ def dense_cov(layer) -> torch.Tensor:
     """The layer's covariance over vec(W̃) (row-major), built densely from its definition."""
     if isinstance(layer, DiagLayer):
         return torch.diag(torch.exp(2 * layer.log_std.detach().double()).reshape(-1))
-    if isinstance(layer, KronLayer):
+    if isinstance(layer, KronEigenLayer):
         U = torch.kron(layer.U_G.double(), layer.U_A.double())  # (U_G ⊗ U_A) vec(Z) row-major
         s2 = torch.exp(2 * layer.log_std.detach().double()).reshape(-1)
         return U @ torch.diag(s2) @ U.T

@@ -15,7 +15,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from kfacbound.bounds import certify as cf
-from kfacbound.bounds.posteriors import ExactLayer, KronLayer, build_posterior, build_prior
+from kfacbound.bounds import gather
+from kfacbound.bounds.posteriors import ExactLayer, KronEigenLayer, build_posterior
+from kfacbound.bounds.prior import build_prior
 from kfacbound.bounds.select import Selection, certify_best
 from kfacbound.errors import KfacboundError
 
@@ -59,7 +61,7 @@ def test_kron_kl_is_the_kl_of_the_sampled_gaussian_for_non_orthogonal_bases():
                         dtype=torch.float32)
     with torch.no_grad():
         for _, layer in Q.layers():
-            assert isinstance(layer, KronLayer) and layer.U_G.dtype == torch.float32
+            assert isinstance(layer, KronEigenLayer) and layer.U_G.dtype == torch.float32
             layer.U_G.add_(0.05 * torch.randn(layer.U_G.shape, generator=gen))
             layer.U_A.add_(0.05 * torch.randn(layer.U_A.shape, generator=gen))
             layer.log_std.add_(0.3 * torch.randn(layer.log_std.shape, generator=gen))
@@ -118,7 +120,7 @@ def test_selection_budgets():
 
 def test_selection_over_posteriors_pays_delta_prime_over_m(trained, monkeypatch):
     X, y, init, model = trained
-    monkeypatch.setattr(cf, "kfac_factors", data_factors)
+    monkeypatch.setattr(gather, "kfac_factors", data_factors)
     cands = [{"posterior": "diag"}, {"posterior": "kfac"}, {"posterior": "diag", "lr": 3e-3}]
     cert = certify_best(model, TensorDataset(X, y), cands, iterations=60, mc_passes=2,
                         init_model=init, progress=False)
@@ -313,8 +315,10 @@ def test_learnt_prior_of_a_batchnorm_network_trains_with_its_batchnorm(monkeypat
     spec = resolve_spec({"arch": "fc", "widths": [5], "bn": True}, input_shape=[6], num_outputs=3)
     init = build_model(spec, seed=0)
     model = build_model(spec, seed=1)
+    import kfacbound.bounds.prior as prior_mod
+
     seen = []
-    real = cf.train_prior_mean
+    real = prior_mod.train_prior_mean
 
     def spy(net, *a, **k):
         seen.append(any(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules()))
@@ -322,7 +326,7 @@ def test_learnt_prior_of_a_batchnorm_network_trains_with_its_batchnorm(monkeypat
         seen.append(out)
         return out
 
-    monkeypatch.setattr(cf, "train_prior_mean", spy)
+    monkeypatch.setattr(prior_mod, "train_prior_mean", spy)
     cert = cf.certify_checkpoint(model, TensorDataset(X, y), posterior="diag", iterations=0,
                                  mc_passes=1, init_model=init, prior_split=0.5, prior_epochs=2,
                                  loss="ce", progress=False)

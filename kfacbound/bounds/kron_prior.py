@@ -12,8 +12,8 @@ prior split's posterior with a λI base prior, tempered by τ. The bases Ũ are 
 the posterior (rounded to the sampling dtype); P is defined through them, so it is a fixed,
 valid prior whatever their rounding: it depends on the prior split only.
 
-Posterior: the K-FAC posterior (:class:`kfacbound.bounds.posteriors.KronLayer`) in the *same*
-bases, Σ_q = (Ũ_G ⊗ Ũ_A) diag(s²) (Ũ_G ⊗ Ũ_A)ᵀ, mean M. With V = Ũ_G ⊗ Ũ_A (invertible):
+Posterior: the K-FAC posterior (:class:`kfacbound.bounds.posteriors.KronEigenLayer`) in the
+*same* bases, Σ_q = (Ũ_G ⊗ Ũ_A) diag(s²) (Ũ_G ⊗ Ũ_A)ᵀ, mean M. With V = Ũ_G ⊗ Ũ_A (invertible):
 
 - tr(Σ_p⁻¹ Σ_q) = tr(V⁻ᵀ diag(π) V⁻¹ V diag(s²) Vᵀ) = tr(diag(π s²)) = Σ_ij π_ij s_ij²
   (a similarity transform keeps the trace);
@@ -94,7 +94,7 @@ class KronPrior(nn.Module):
 
     def kl_terms(self, layers, lam=None, tau=None, dtype: torch.dtype | None = None
                  ) -> dict[str, torch.Tensor | int]:
-        """Σ π s², Σ π R², Σ ln π, Σ ln s² and k over ``layers`` [(path, KronLayer)]
+        """Σ π s², Σ π R², Σ ln π, Σ ln s² and k over ``layers`` [(path, KronEigenLayer)]
         (differentiable in the posterior's means and log-stds and in λ, τ)."""
         lam = self.lam if lam is None else lam
         tau = self.tau if tau is None else tau

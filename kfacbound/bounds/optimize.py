@@ -41,7 +41,7 @@ stochastic gradients, a short low-rate phase settles it (a step schedule, not pa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,15 +49,24 @@ import torch.nn.functional as F
 
 from ..errors import KfacboundError
 from ..progress import progress_bar
+from .families import posterior_family
 from .kron_prior import posterior_kl, prior_penalty
 from .pacbayes import complexity, kl_inv
-from .posteriors import GaussianPosterior, IsotropicPrior, KronLayer
+from .posteriors import GaussianPosterior
+from .prior import IsotropicPrior
 
 LN2 = math.log(2.0)
 OBJECTIVES = ("pinsker", "quad", "lambda", "kl")
 SURROGATES = ("bits", "bounded-ce")
 #: PBB's probability floor of the bounded cross-entropy.
 P_MIN = 1e-5
+#: Each objective in words, as the certificate records it (L: the surrogate, B: the formula).
+OBJECTIVE_TEXT = {
+    "pinsker": "{L} + sqrt(B/2), B={formula}",
+    "quad": "(sqrt({L} + B/2) + sqrt(B/2))^2, B={formula}",
+    "lambda": "{L}/(1 - l/2) + B/(l (1 - l/2)), l optimal, B={formula}",
+    "kl": "kl_inv({L}, B), B={formula}",
+}
 
 
 def surrogate_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
@@ -147,6 +156,31 @@ def objective_complexity(kl: torch.Tensor, prior: IsotropicPrior, n: int, delta:
     return (kl + penalty) / denom + const
 
 
+def objective_text(objective: str, surrogate: str, formula: str) -> str:
+    """The objective that :func:`optimize_posterior` minimises, in words (:data:`OBJECTIVE_TEXT`)
+    with L the surrogate actually used: the bounded CE, the bits, or the bits clipped at 1."""
+    L = ("bounded_ce" if surrogate == "bounded-ce" else
+         "surrogate_bits" if objective == "pinsker" else "min(1, surrogate_bits)")
+    return OBJECTIVE_TEXT[objective].format(L=L, formula=formula)
+
+
+def lr_decay_step(lr_decay: Sequence[float] | None, iterations: int) -> int | None:
+    """The step from which every learning rate is multiplied by γ, for ``lr_decay=(f, γ)``: the
+    last fraction f of the ``iterations`` steps; None (constant rates) for None or f ≤ 0.
+    Refuses anything but a pair with f in (0, 1) and γ > 0."""
+    if lr_decay is None:
+        return None
+    if isinstance(lr_decay, str | bytes) or len(lr_decay) != 2:
+        raise KfacboundError(f"lr_decay must be a pair (fraction, factor), not {lr_decay!r}")
+    frac, gamma = float(lr_decay[0]), float(lr_decay[1])
+    if frac <= 0.0:
+        return None
+    if not (0.0 < frac < 1.0 and gamma > 0.0):
+        raise KfacboundError(
+            f"lr_decay must be (fraction in (0, 1), factor > 0), not {lr_decay}")
+    return int(round((1.0 - frac) * iterations))
+
+
 @dataclass
 class TrainLog:
     """History of the optimisation (every ``log_every`` steps)."""
@@ -189,8 +223,10 @@ def optimize_posterior(
     ``mean_lr``: learning rate of the means (default ``lr``; the stds and log λ use ``lr``).
     ``lr_decay=(f, γ)``: multiply all learning rates by γ for the last fraction f of the steps
     (``None`` or f = 0: constant learning rates).
-    ``X, y``: the bound set (n = len(X) unless given). ``basis_every``: recompute the Kronecker
-    bases every that many steps with ``factors_fn(posterior.mean_model())`` (the "iter" variant).
+    ``X, y``: the bound set (n = len(X) unless given). ``basis_every``: every that many steps,
+    the posterior's family refreshes Q with the curvature ``factors_fn(posterior.mean_model())``
+    at the current mean (:meth:`.families.PosteriorFamily.refresh`; the kfac family moves to the
+    new Kronecker eigenbasis, the "iter" variant); families without a refresh ignore it.
     The progress bar shows the smoothed surrogate (bits), the KL, λ and a running bound
     estimate min(1, surrogate + √(B/2)) — a pessimistic proxy, since the surrogate upper-bounds
     the 0-1 loss; the certified value comes from :mod:`kfacbound.bounds.certify`.
@@ -212,13 +248,9 @@ def optimize_posterior(
     if train_mean:
         groups.append({"params": means, "lr": lr if mean_lr is None else mean_lr})
     opt = torch.optim.RMSprop(groups, lr=lr)
-    decay_step = None
-    if lr_decay is not None and float(lr_decay[0]) > 0.0:
-        frac, gamma = float(lr_decay[0]), float(lr_decay[1])
-        if not (0.0 < frac < 1.0 and gamma > 0.0):
-            raise KfacboundError(
-                f"lr_decay must be (fraction in (0, 1), factor > 0), not {lr_decay}")
-        decay_step = int(round((1.0 - frac) * iterations))
+    decay_step = lr_decay_step(lr_decay, iterations)
+    family = posterior_family(posterior.kind) if basis_every and factors_fn is not None else None
+    refresh = family.refresh if family is not None and family.refreshes else None
     log = TrainLog()
     posterior.train()
     bar = progress_bar(iterations, "posterior", progress, "step", range(iterations), leave=False)
@@ -226,9 +258,9 @@ def optimize_posterior(
     for step in bar:
         if step == decay_step:
             for group in opt.param_groups:
-                group["lr"] *= gamma
-        if basis_every and factors_fn is not None and step > 0 and step % basis_every == 0:
-            _update_bases(posterior, factors_fn)
+                group["lr"] *= float(lr_decay[1])
+        if refresh is not None and step > 0 and step % basis_every == 0:
+            refresh(posterior, factors_fn(posterior.mean_model()))
         idx = torch.randint(0, len(X), (batch_size,), generator=gen)
         xb, yb = X[idx].to(device), y[idx].to(device)
         logits = posterior(xb, sample=True, per_example=False)
@@ -259,12 +291,3 @@ def optimize_posterior(
                             lam=f"{log.lam[-1]:.2e}", bound=f"{est:.4f}")
     posterior.eval()
     return log
-
-
-@torch.no_grad()
-def _update_bases(posterior: GaussianPosterior, factors_fn) -> None:
-    factors = factors_fn(posterior.mean_model())
-    for path, layer in posterior.layers():
-        if isinstance(layer, KronLayer) and path in factors:
-            G, A = factors[path]
-            layer.update_basis(G.to(layer.U_G.device), A.to(layer.U_A.device))

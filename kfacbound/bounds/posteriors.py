@@ -1,4 +1,4 @@
-"""Gaussian posteriors Q over a network's weights, the isotropic prior P, and KL(Q‖P).
+"""Gaussian posteriors Q over a network's weights and KL(Q‖P) to an isotropic prior.
 
 Every posterior is a product over the Linear/Conv2d layers of a model (any module graph of
 :mod:`kfacbound.models`: ``nn.Sequential`` networks and the residual ResNets, BatchNorm already
@@ -7,21 +7,26 @@ W̃ = [W | b] (layout of :mod:`kfacbound.curvature.layout`, out × (in + 1)), ea
 mean M (initialised at the trained weights) and a trainable log-std:
 
 - :class:`DiagLayer` (Dziugaite & Roy 2017): W̃ = M + σ ∘ Z, one std per weight.
-- :class:`KronLayer` (Dissecting Hessian, Wu et al. 2020): W̃ = M + U_G (S ∘ Z) U_Aᵀ with U_G, U_A
-  the eigenvectors of the layer's K-FAC factors G (out × out) and A = E[ã ãᵀ] ((in+1) × (in+1)):
-  Σ = (U_G ⊗ U_A) diag(vec S²) (U_G ⊗ U_A)ᵀ, one variance per Kronecker eigen-direction.
-  :meth:`KronLayer.update_basis` moves to a new basis (the "iter" variant).
+- :class:`KronEigenLayer` (Dissecting Hessian, Wu et al. 2020): W̃ = M + U_G (S ∘ Z) U_Aᵀ with
+  U_G, U_A the eigenvectors of the layer's K-FAC factors G (out × out) and A = E[ã ãᵀ]
+  ((in+1) × (in+1)): Σ = (U_G ⊗ U_A) diag(vec S²) (U_G ⊗ U_A)ᵀ, one variance per Kronecker
+  eigen-direction. :meth:`KronEigenLayer.update_basis` moves to a new basis (the "iter" variant).
+  (Not to be confused with the curvature block :class:`kfacbound.curvature.kfac_layer.KronLayer`.)
 - :class:`ExactLayer`: w = μ + U_k (σ_k ∘ z) + σ_⊥ (I − U_k U_kᵀ) z′ with U_k the top-k (or all)
   eigenvectors of the exact layer Hessian/GGN block; one shared variance σ_⊥² on the orthogonal
   complement when k < P.
 
-Z, z, z′ are standard normal. The prior is P = N(w0, λI) (:class:`IsotropicPrior`), w0 the
-(folded) initial weights, λ = exp(log λ) trainable. Because P is isotropic,
-KL(Q‖P) = ½[tr Σ/λ + ‖M − w0‖²/λ − k + k ln λ − ln det Σ] whatever the bases are
-(:func:`kfacbound.bounds.pacbayes.kl_isotropic_terms`). The certified tr Σ and ln det Σ are those
-of the Gaussian that is actually sampled: the Kronecker bases are stored in float32 for speed and
-are orthogonal only to rounding, so :meth:`KronLayer.var_stats` uses their exact float64 column
-norms and determinants; the exact-eigenbasis layer keeps and samples its basis in float64.
+Which layer class a posterior family uses, and which curvature it is built from, is declared in
+the family registry :mod:`kfacbound.bounds.families`; :func:`build_posterior` reads it.
+
+Z, z, z′ are standard normal. The prior is P = N(w0, λI)
+(:class:`kfacbound.bounds.prior.IsotropicPrior`), w0 the (folded) initial weights, λ = exp(log λ)
+trainable. Because P is isotropic, KL(Q‖P) = ½[tr Σ/λ + ‖M − w0‖²/λ − k + k ln λ − ln det Σ]
+whatever the bases are (:func:`kfacbound.bounds.pacbayes.kl_isotropic_terms`). The certified
+tr Σ and ln det Σ are those of the Gaussian that is actually sampled: the Kronecker bases are
+stored in float32 for speed and are orthogonal only to rounding, so
+:meth:`KronEigenLayer.var_stats` uses their exact float64 column norms and determinants; the
+exact-eigenbasis layer keeps and samples its basis in float64.
 
 Sampling. ``forward(x, per_example=True)`` returns the outputs of a network drawn from Q
 *independently for every example*:
@@ -49,8 +54,9 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +66,12 @@ from ..curvature.layout import curvature_layers, layer_matrix, set_layer_matrix
 from ..curvature.modules import is_curvature_layer, rule_for
 from ..errors import KfacboundError, UnsupportedModuleError
 from ..models import fold_batchnorm, has_batchnorm
-from .pacbayes import GRID_B, GRID_C, grid_j, kl_isotropic_terms
+from .pacbayes import GRID_C, kl_isotropic_terms
 
-POSTERIORS = ("diag", "kfac", "exact")
+if TYPE_CHECKING:
+    from .families import PosteriorFamily
+    from .prior import IsotropicPrior
+
 STD_INITS = ("dr", "curvature")
 
 _LOG_STD_MIN = -30.0
@@ -194,7 +203,7 @@ def _eigh(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.clamp(min=0.0), evecs
 
 
-class KronLayer(LayerPosterior):
+class KronEigenLayer(LayerPosterior):
     """W̃ = M + U_G (S ∘ Z) U_Aᵀ, S = exp(log_std) (one std per Kronecker eigen-direction)."""
 
     def __init__(self, module: nn.Module, G: torch.Tensor, A: torch.Tensor, std: str | float,
@@ -362,33 +371,6 @@ def exact_eigenbasis(H: torch.Tensor, k: int | None = None) -> tuple[torch.Tenso
     if k is not None:
         order = order[:k]
     return evecs[:, order], evals[order]
-
-
-class IsotropicPrior(nn.Module):
-    """P = N(w0, λI) over all posterior layers; λ = exp(log_lam) is trainable.
-
-    ``w0`` maps layer path → W̃0 (out × in1); ``None`` for a layer means a zero-centred prior.
-    """
-
-    def __init__(self, w0: Mapping[str, torch.Tensor | None], lam: float,
-                 c: float = GRID_C, b: float = GRID_B):
-        super().__init__()
-        self.paths = list(w0)
-        for i, path in enumerate(self.paths):
-            t = w0[path]
-            self.register_buffer(f"w0_{i}", None if t is None else t.detach().clone())
-        self.log_lam = nn.Parameter(torch.tensor(math.log(lam), dtype=torch.float64))
-        self.c, self.b = float(c), float(b)
-
-    def center(self, path: str) -> torch.Tensor | None:
-        return getattr(self, f"w0_{self.paths.index(path)}")
-
-    @property
-    def lam(self) -> torch.Tensor:
-        return torch.exp(self.log_lam)
-
-    def j_continuous(self) -> float:
-        return grid_j(float(self.lam), self.c, self.b)
 
 
 class LayerSlot(nn.Module):
@@ -587,12 +569,30 @@ class GaussianPosterior(nn.Module):
         return model
 
 
+@dataclass(frozen=True)
+class StdInit:
+    """How a posterior family initialises its stds (module docstring, "Std initialisation").
+
+    ``std``: ``"dr"`` (|M| in the family's basis × ``scale``, clamped to [``std_min``,
+    √``prior_var``]), ``"curvature"`` (σ² = 1/(n·h + 1/λ_prior), h the curvature eigenvalue of
+    the direction) or a number; ``n``: bound-set size; ``prior_var``: λ of the prior.
+    """
+
+    std: str | float = "dr"
+    scale: float = 1.0
+    std_min: float = 1e-6
+    n: int = 1
+    prior_var: float = GRID_C
+    dtype: torch.dtype = torch.float32
+
+
 def build_posterior(
     model: nn.Module,
-    kind: str = "diag",
+    kind: str | PosteriorFamily = "diag",
     *,
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     eigenbases: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    curvature: Mapping[str, Any] | None = None,
     std_init: str | float = "dr",
     std_scale: float = 1.0,
     std_min: float = 1e-6,
@@ -602,85 +602,28 @@ def build_posterior(
 ) -> GaussianPosterior:
     """Build Q for ``model`` (BatchNorm is folded first; the model itself is not modified).
 
+    ``kind``: a registered posterior family (:mod:`.families`) or its name; the family builds
+    each layer's Gaussian from the curvature it declares (``family.needs(std_init)``):
     ``factors``: {path: (G, A)} K-FAC factors in the layout of kfacbound.curvature.layout
-    (needed for ``kind='kfac'`` and for ``std_init='curvature'`` with ``kind='diag'``).
-    ``eigenbases``: {path: (U, eigenvalues)} of the exact layer blocks (``kind='exact'``;
-    U has k ≤ P orthonormal columns, see :func:`exact_eigenbasis`).
+    (the kfac family, and the diag family with ``std_init='curvature'``);
+    ``eigenbases``: {path: (U, eigenvalues)} of the exact layer blocks (the exact family;
+    U has k ≤ P orthonormal columns, see :func:`exact_eigenbasis`);
+    ``curvature``: the per-layer curvature of any other source (overrides the two above).
     ``n``: number of bound-set examples (for the curvature-informed std).
     ``prior_var``: λ of the prior; stds are clamped to ≤ √λ at initialisation.
     """
-    if kind not in POSTERIORS:
-        raise KfacboundError(f"unknown posterior {kind!r}; choose from {', '.join(POSTERIORS)}")
+    from .families import posterior_family
+
+    family = posterior_family(kind)
     if isinstance(std_init, str) and std_init not in STD_INITS:
         raise KfacboundError(f"unknown std init {std_init!r}; choose from {STD_INITS} or a number")
+    source = family.needs(std_init)
+    if curvature is None and source is not None:
+        curvature = {"factors": factors, "eigenbases": eigenbases}.get(source.name)
+    init = StdInit(std_init, std_scale, std_min, n, prior_var, dtype)
     model = _ensure_folded(model)
-    layers: dict[str, LayerPosterior] = {}
-    for path, module in curvature_layers(model):
-        if kind == "diag":
-            mat = layer_matrix(module).detach().to(torch.float64)
-            if std_init == "dr":
-                log_std = _init_log_std(mat, std_scale, std_min, math.sqrt(prior_var))
-            elif std_init == "curvature":
-                if factors is None or path not in factors:
-                    raise KfacboundError(f"std_init='curvature' needs K-FAC factors for {path!r}")
-                G, A = factors[path]
-                h = torch.outer(torch.diagonal(G).double(), torch.diagonal(A).double())
-                log_std = 0.5 * -torch.log(n * h.clamp(min=0) + 1.0 / prior_var)
-            else:
-                log_std = torch.full_like(mat, math.log(float(std_init)))
-            layers[path] = DiagLayer(module, torch.exp(log_std), dtype)
-        elif kind == "kfac":
-            if factors is None or path not in factors:
-                raise KfacboundError(f"the K-FAC posterior needs factors for layer {path!r}")
-            G, A = factors[path]
-            layers[path] = KronLayer(module, G, A, std_init, n, prior_var, std_scale, std_min,
-                                     dtype)
-        else:
-            if eigenbases is None or path not in eigenbases:
-                raise KfacboundError(f"the exact posterior needs an eigenbasis for layer {path!r}")
-            U, ev = eigenbases[path]
-            layers[path] = ExactLayer(module, U, ev, std_init, n, prior_var, std_scale, std_min,
-                                      dtype)
+    layers = {path: family.layer(path, module, curvature, init)
+              for path, module in curvature_layers(model)}
     if not layers:
         raise UnsupportedModuleError("the model has no Linear/Conv2d layer to put a posterior on")
-    return GaussianPosterior(model, layers, kind)
-
-
-def build_prior(
-    posterior: GaussianPosterior,
-    init_model: nn.Module | None,
-    lam: float | None = None,
-    c: float = GRID_C,
-    b: float = GRID_B,
-) -> IsotropicPrior:
-    """P = N(w0, λI) with w0 the (BatchNorm-folded) initial weights of ``init_model``.
-
-    ``init_model=None``: zero-centred prior, with a warning (the checkpoint has no w0).
-    ``lam=None``: the KL-optimal λ = (tr Σ + ‖M − w0‖²)/k for the current Q, capped at the
-    first grid point c·exp(−1/b).
-    """
-    w0: dict[str, torch.Tensor | None] = {}
-    if init_model is None:
-        warnings.warn(
-            "no initial weights w0: using a zero-centred prior N(0, λI); bounds are looser",
-            stacklevel=2,
-        )
-        w0 = {path: None for path in posterior.layer_paths}
-    else:
-        init = _ensure_folded(init_model)
-        mods = dict(curvature_layers(init))
-        for path, layer in posterior.layers():
-            if path not in mods or layer_matrix(mods[path]).shape != layer.mean.shape:
-                raise KfacboundError(
-                    f"the initial model does not match the trained model at layer {path!r}"
-                )
-            w0[path] = layer_matrix(mods[path]).detach().to(layer.mean.dtype)
-    prior = IsotropicPrior(w0, 1.0, c, b)
-    if lam is None:
-        with torch.no_grad():
-            sq, sv, _, k = posterior.kl_terms(prior, torch.float64)
-            lam = (float(sq) + float(sv)) / k
-        lam = min(lam, c * math.exp(-1.0 / b))
-    with torch.no_grad():
-        prior.log_lam.fill_(math.log(lam))
-    return prior
+    return GaussianPosterior(model, layers, family.name)

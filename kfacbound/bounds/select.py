@@ -17,8 +17,8 @@ minimum is a valid certificate at confidence 1 − δ − δ′. The cost is sma
 term and, without a shared prior, ln m / n in B (m = 3, n = 60,000: 1.8e-5).
 
 A certificate made this way carries ``selection = {m, rule, shared_prior, delta_each,
-delta_prime_each, …}``; :func:`kfacbound.bounds.certify.recompute_certificate` recomputes it with
-those budgets and checks that they follow from (δ, δ′, m, shared_prior).
+delta_prime_each, …}``; :func:`kfacbound.bounds.certificate.recompute_certificate` recomputes it
+with those budgets and checks that they follow from (δ, δ′, m, shared_prior).
 """
 
 from __future__ import annotations

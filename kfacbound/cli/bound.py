@@ -1,6 +1,7 @@
 """`kfacbound bound CKPT`: certify a PAC-Bayes bound for a checkpoint and write the JSON.
 
-Thin layer over :func:`kfacbound.bounds.certify.certify_checkpoint`.
+Thin layer over :func:`kfacbound.bounds.certify.certify`: every option but ``--recipe`` and
+``-o`` is the field of :class:`kfacbound.bounds.config.CertifyConfig` of the same name.
 """
 
 from __future__ import annotations
@@ -10,23 +11,22 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..bounds.certify import (
-    CURVATURES,
+from ..bounds.certify import certify
+from ..bounds.config import (
     DEFAULT_BATCH,
     DEFAULT_ITERATIONS,
     DEFAULT_LR,
     DEFAULT_LR_DECAY,
     DEFAULT_MEAN_LR,
-    DEFAULT_PRIOR_EPOCHS,
-    PRIOR_KINDS,
-    PRIOR_SCHEMES,
     RECIPES,
+    CertifyConfig,
     apply_recipe,
-    certify_checkpoint,
 )
+from ..bounds.families import family_help, family_names
+from ..bounds.gather import CURVATURES
 from ..bounds.optimize import OBJECTIVES, SURROGATES
 from ..bounds.pacbayes import FORMULAS, GRID_B, GRID_C
-from ..bounds.posteriors import POSTERIORS
+from ..bounds.prior import DEFAULT_PRIOR_EPOCHS, PRIOR_KINDS, PRIOR_SCHEMES
 from ..bounds.select import certify_best
 from ..errors import KfacboundError
 from .common import (
@@ -40,25 +40,6 @@ from .common import (
 )
 
 
-def _std_init(value: str) -> str | float:
-    if value in ("dr", "curvature"):
-        return value
-    try:
-        v = float(value)
-    except ValueError:
-        raise KfacboundError(
-            f"--std-init must be 'dr', 'curvature' or a number, not {value!r}"
-        ) from None
-    if v <= 0:
-        raise KfacboundError("--std-init must be positive")
-    return v
-
-
-def _check_prob(name: str, v: float) -> None:
-    if not 0.0 < v < 1.0:
-        raise KfacboundError(f"{name} must lie in (0, 1), got {v}")
-
-
 @click.command("bound")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @dataset_options(required=False)
@@ -68,11 +49,10 @@ def _check_prob(name: str, v: float) -> None:
                    "(K-FAC posterior, learnt prior on half the data, PBB scheme, fast "
                    "optimiser); options given explicitly override it; the output says what it "
                    "chose.")
-@click.option("--posterior", type=click.Choice(POSTERIORS), multiple=True, default=("diag",),
-              show_default=True,
-              help="diag (Dziugaite & Roy), kfac (K-FAC eigenbasis), exact (exact layer blocks). "
-                   "Repeat it to certify each and keep the tightest, under a union bound over "
-                   "the candidates (δ′/m each; the prior is shared).")
+@click.option("--posterior", type=click.Choice(family_names()), multiple=True,
+              default=("diag",), show_default=True,
+              help=f"{family_help()}. Repeat it to certify each and keep the tightest, under a "
+                   "union bound over the candidates (δ′/m each; the prior is shared).")
 @click.option("--curvature", type=click.Choice(CURVATURES), default="kflr", show_default=True,
               help="K-FAC flavour for the kfac posterior (exact Λ or MC-sampled).")
 @click.option("--iterations", type=int, default=DEFAULT_ITERATIONS, show_default=True,
@@ -119,8 +99,8 @@ def _check_prob(name: str, v: float) -> None:
               show_default=True,
               help="isotropic: N(w_p, λI); curvature: N(w_p, (λ⁻¹I + τ n_p G⊗A)⁻¹) from the "
                    "prior split's K-FAC factors (needs --prior-split and --posterior kfac).")
-@click.option("--grid-c", type=float, default=GRID_C, show_default=True)
-@click.option("--grid-b", type=float, default=GRID_B, show_default=True)
+@click.option("--grid-c", "c", type=float, default=GRID_C, show_default=True)
+@click.option("--grid-b", "b", type=float, default=GRID_B, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
 @progress_option
@@ -129,43 +109,25 @@ def _check_prob(name: str, v: float) -> None:
 @with_dataset
 def command(checkpoint: str, data_opts: dict[str, Any], **kw: Any) -> None:
     """Certify a PAC-Bayes bound for CHECKPOINT (holds with probability ≥ 1 − δ − δ′)."""
-    _check_prob("--delta", kw["delta"])
-    _check_prob("--delta-prime", kw["delta_prime"])
-    if kw["delta"] + kw["delta_prime"] >= 1:
-        raise KfacboundError("--delta + --delta-prime must be below 1")
-    for name in ("iterations", "mc_passes", "batch_size"):
-        if kw[name] < (0 if name == "iterations" else 1):
-            raise KfacboundError(f"--{name.replace('_', '-')} is too small: {kw[name]}")
+    ctx = click.get_current_context()
+    explicit = {k for k in kw if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    options, chosen = apply_recipe(kw["recipe"], kw, explicit)
+    posteriors = ([options["posterior"]] if "posterior" in chosen
+                  else list(dict.fromkeys(kw["posterior"])))
+    configs = [CertifyConfig.from_options(options, posterior=p) for p in posteriors]
     ckpt = open_checkpoint(checkpoint)
     train = dataset_from_options(data_opts, "train", ckpt)
     try:
         test = dataset_from_options(data_opts, "test", ckpt)
     except KfacboundError:
         test = None
-    ctx = click.get_current_context()
-    explicit = {k for k in kw if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
-    recipe_opts, chosen = apply_recipe(kw["recipe"], {}, explicit)
-    kw.update({k: ((v,) if k == "posterior" else v) for k, v in recipe_opts.items()})
-    if kw["prior_split"] is not None:
-        _check_prob("--prior-split", kw["prior_split"])
-    posteriors = list(dict.fromkeys(kw["posterior"]))
-    common = dict(
-        curvature=kw["curvature"],
-        iterations=kw["iterations"], delta=kw["delta"], delta_prime=kw["delta_prime"],
-        mc_passes=kw["mc_passes"], prior_split=kw["prior_split"], device=kw["device"],
-        seed=kw["seed"], progress=kw["progress"], test_dataset=test, formula=kw["formula"],
-        lr=kw["lr"], mean_lr=kw["mean_lr"],
-        lr_decay=kw["lr_decay"], objective=kw["objective"], surrogate=kw["surrogate"],
-        batch_size=kw["batch_size"], std_init=_std_init(kw["std_init"]),
-        std_scale=kw["std_scale"], basis_every=kw["basis_every"], exact_k=kw["exact_k"],
-        prior_epochs=kw["prior_epochs"], prior_scheme=kw["prior_scheme"],
-        prior_kind=kw["prior_kind"], c=kw["grid_c"],
-        b=kw["grid_b"],
-    )
-    if len(posteriors) == 1:
-        cert = certify_checkpoint(ckpt, train, posterior=posteriors[0], **common)
+    if len(configs) == 1:
+        cert = certify(ckpt, train, configs[0], test_data=test).to_json()
     else:
-        cert = certify_best(ckpt, train, [{"posterior": p} for p in posteriors], **common)
+        common = {k: v for k, v in configs[0].options().items()
+                  if k not in ("posterior", "selection")}
+        cert = certify_best(ckpt, train, [{"posterior": p} for p in posteriors],
+                            test_dataset=test, **common)
     cert["recipe"] = {"name": kw["recipe"], "chosen": chosen}
     if kw["output"]:
         write_json(kw["output"], cert)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..bounds.families import family_names
 from ..errors import KfacboundError
 
 
@@ -13,7 +14,7 @@ from ..errors import KfacboundError
               help="A finished `kfacbound batch` output directory to report on.")
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False),
               help="Report directory: report.md, PNG figures, bounds.csv, layers.csv.")
-@click.option("--posterior", type=click.Choice(["diag", "kfac", "exact"]), default="diag",
+@click.option("--posterior", type=click.Choice(family_names()), default="diag",
               show_default=True, help="Checkpoints: posterior of the bound.")
 @click.option("--iterations", type=int, default=None,
               help="Checkpoints: posterior optimisation steps [default: the bound's default].")

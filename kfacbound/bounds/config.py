@@ -1,0 +1,232 @@
+"""All options of a certificate in one place: :class:`CertifyConfig`, its defaults and recipes.
+
+The defaults are Dziugaite & Roy's (2017) recipe — the diagonal posterior, RMSprop for 20,000
+steps of batch 100 at lr 10⁻³ (means, stds and λ alike), δ = 0.025, δ′ = 0.01, the λ grid
+c·exp(−j/b) with c = 0.1, b = 100 — plus a step decay of the learning rates (×0.1 for the last
+quarter of the steps; not in their recipe: measured on binary Fashion-MNIST T-600, 20k steps,
+K-FAC posterior, 0.1716 without, 0.1580 with, results/bounds) and the Maurer (Langford–Seeger)
+form of the bound, (KL + ln(2√n/δ))/n. The bound holds with probability ≥ 1 − δ − δ′.
+
+Recipes (:data:`RECIPES`) are named sets of options; :func:`apply_recipe` fills every option the
+user did not give explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+from ..errors import KfacboundError
+from ..losses import check_loss
+from .families import posterior_family
+from .gather import CURVATURES
+from .optimize import OBJECTIVES, SURROGATES, lr_decay_step
+from .pacbayes import FORMULAS, GRID_B, GRID_C
+from .posteriors import STD_INITS
+from .prior import DEFAULT_PRIOR_EPOCHS, check_prior_options
+from .select import Selection
+
+# Default optimiser: Dziugaite & Roy's RMSprop, 20,000 steps of batch 100 at lr 1e-3 (means, stds
+# and λ alike). The faster recipe "fast" (RECIPES) was 3.4× faster end to end but 0.004 looser on
+# binary Fashion-MNIST T-600 in the same-run comparison (benchmarks/RESULTS.md, "Certificate
+# time"), so it is not the default.
+DEFAULT_ITERATIONS = 20000
+DEFAULT_LR = 1e-3
+DEFAULT_MEAN_LR: float | None = None  # None: the same as DEFAULT_LR
+DEFAULT_BATCH = 100
+#: The fast optimiser settings: 2,000 steps of batch 500 (half the examples of the default),
+#: stds and λ at lr 1e-2, means at 1e-3.
+FAST_OPTIMIZER = {"iterations": 2000, "batch_size": 500, "lr": 1e-2, "mean_lr": 1e-3}
+# Learning rates × 0.1 for the last quarter of the steps. Not in D&R's recipe; measured on binary
+# Fashion-MNIST T-600 (20k steps, K-FAC posterior): 0.1716 without, 0.1580 with (results/bounds).
+DEFAULT_LR_DECAY = (0.25, 0.1)
+
+#: Command-line flags of the options whose flag is not ``--`` + the name with dashes.
+_FLAGS = {"c": "--grid-c", "b": "--grid-b", "prior_kind": "--prior"}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    """The options of one certificate (:func:`kfacbound.bounds.certify.certify`).
+
+    The field names are those of :func:`~kfacbound.bounds.certify.certify_checkpoint`'s keywords
+    (and of the ``kfacbound bound`` options). Posterior and curvature: ``posterior`` (a family of
+    :mod:`.families`), ``curvature`` (K-FAC flavour, for families built from K-FAC factors),
+    ``std_init`` ('dr', 'curvature' or a positive number, also given as a string),
+    ``std_scale``, ``basis_every`` (refresh the family's basis every that many steps),
+    ``exact_k`` (top-k exact eigenvectors per layer). Optimiser: ``iterations``, ``lr``,
+    ``mean_lr`` (None: ``lr``), ``lr_decay=(f, γ)`` (rates × γ for the last fraction f of the
+    steps; None or f = 0: constant, D&R's schedule), ``batch_size``, ``objective``,
+    ``surrogate``. Certificate: ``delta``, ``delta_prime``, ``formula``, ``mc_passes``,
+    ``mc_batch_size``, the λ grid ``c``, ``b``, ``selection`` (this run is one candidate of a
+    selection, :mod:`.select`). Prior (:mod:`.prior`): ``prior_split``, ``prior_epochs``,
+    ``prior_scheme``, ``prior_kind``. Run: ``loss`` (None: the checkpoint's or the natural one),
+    ``device``, ``seed``, ``progress``.
+
+    Bad values raise :class:`KfacboundError` at construction, naming the command-line flag.
+    """
+
+    posterior: str = "diag"
+    curvature: str = "kflr"
+    iterations: int = DEFAULT_ITERATIONS
+    delta: float = 0.025
+    delta_prime: float = 0.01
+    mc_passes: int = 10
+    prior_split: float | None = None
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+    loss: str | None = None
+    formula: str = "maurer"
+    objective: str = "pinsker"
+    surrogate: str = "bits"
+    lr: float = DEFAULT_LR
+    mean_lr: float | None = DEFAULT_MEAN_LR
+    lr_decay: tuple[float, float] | None = DEFAULT_LR_DECAY
+    batch_size: int = DEFAULT_BATCH
+    std_init: str | float = "dr"
+    std_scale: float = 1.0
+    basis_every: int | None = None
+    exact_k: int | None = None
+    prior_epochs: int = DEFAULT_PRIOR_EPOCHS
+    prior_scheme: str = "pbb"
+    prior_kind: str = "isotropic"
+    c: float = GRID_C
+    b: float = GRID_B
+    mc_batch_size: int = 8192
+    selection: Selection | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("delta", "delta_prime"):
+            _check_prob(name, getattr(self, name))
+        if self.delta + self.delta_prime >= 1:
+            raise KfacboundError("--delta + --delta-prime must be below 1")
+        for name, least in (("iterations", 0), ("mc_passes", 1), ("batch_size", 1),
+                            ("mc_batch_size", 1), ("prior_epochs", 0)):
+            _check_int(name, getattr(self, name), least)
+        for name in ("basis_every", "exact_k"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        if self.prior_split is not None:
+            _check_prob("prior_split", self.prior_split)
+        object.__setattr__(self, "std_init", _std_init(self.std_init))
+        for name in ("lr", "mean_lr", "std_scale", "c", "b"):
+            if getattr(self, name) is not None or name != "mean_lr":
+                _check_positive(name, getattr(self, name))
+        lr_decay_step(self.lr_decay, self.iterations)
+        if not isinstance(self.posterior, str):
+            raise KfacboundError(f"posterior must be the name of a registered family, not "
+                                 f"{self.posterior!r}")
+        posterior_family(self.posterior)
+        _check_choice("curvature", self.curvature, CURVATURES)
+        _check_choice("formula", self.formula, FORMULAS)
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("surrogate", self.surrogate, SURROGATES)
+        if self.loss is not None:
+            check_loss(self.loss)
+        check_prior_options(self)
+        if self.selection is not None and not isinstance(self.selection, Selection):
+            raise KfacboundError(f"selection must be a Selection, not {self.selection!r}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], **changes: Any) -> CertifyConfig:
+        """The config with the entries of ``options`` (and ``changes``) whose keys are field
+        names; other keys are ignored (e.g. the CLI's ``output``)."""
+        given = {**options, **changes}
+        return cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
+
+    def options(self) -> dict[str, Any]:
+        """{field: value}: the keywords of :func:`.certify.certify_checkpoint` for this config."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> CertifyConfig:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_prob(name: str, v: float) -> None:
+    if not 0.0 < v < 1.0:
+        raise KfacboundError(f"{_flag(name)} must lie in (0, 1), got {v}")
+
+
+def _check_int(name: str, v: Any, least: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise KfacboundError(f"{_flag(name)} must be an integer, not {v!r}")
+    if v < least:
+        raise KfacboundError(f"{_flag(name)} is too small: {v}")
+
+
+def _check_positive(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
+        raise KfacboundError(f"{_flag(name)} must be a positive number, not {v!r}")
+
+
+def _check_choice(name: str, v: Any, choices: tuple[str, ...]) -> None:
+    if v not in choices:
+        raise KfacboundError(f"unknown {name} {v!r}; choose from {', '.join(choices)}")
+
+
+def _std_init(value: str | float) -> str | float:
+    """'dr', 'curvature' or a positive number (a numeric string is converted)."""
+    if isinstance(value, str) and value in STD_INITS:
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise KfacboundError(
+            f"--std-init must be 'dr', 'curvature' or a number, not {value!r}"
+        ) from None
+    if not v > 0:
+        raise KfacboundError("--std-init must be positive")
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else v
+
+
+#: The defaults of every option (:func:`.certify.certify_checkpoint`'s signature reads them).
+DEFAULTS = CertifyConfig()
+
+
+# ----------------------------------------------------------------------------- recipes
+
+#: Named settings of a certificate. "fast": :data:`FAST_OPTIMIZER`. "best": the combination
+#: that gave the tightest 0-1 certificates in our measurements (benchmarks/RESULTS.md,
+#: "Certificate recipes"): the K-FAC posterior with a learnt prior (half the training set, PBB
+#: scheme, 10 epochs), with the fast optimiser settings it was measured with.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "fast": dict(FAST_OPTIMIZER),
+    "best": {"posterior": "kfac", "prior_split": 0.5, "prior_scheme": "pbb",
+             "prior_epochs": 10, "prior_kind": "isotropic", "objective": "pinsker",
+             **FAST_OPTIMIZER},
+}
+
+O = TypeVar("O", CertifyConfig, Mapping[str, Any])
+
+
+def apply_recipe(name: str, options: O, explicit: set[str] | frozenset = frozenset()
+                 ) -> tuple[O, dict[str, Any]]:
+    """(options with the recipe's values, what the recipe set): the recipe fills every option
+    that is not in ``explicit`` (the ones the user gave). ``options``: a :class:`CertifyConfig`
+    (a new, validated config is returned) or a mapping of options (a new dict)."""
+    if name not in RECIPES:
+        raise KfacboundError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    chosen = {k: v for k, v in RECIPES[name].items() if k not in explicit}
+    if isinstance(options, CertifyConfig):
+        return options.replace(**chosen), chosen
+    return {**options, **chosen}, chosen
+
+
+def expand_recipe(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with a ``recipe`` entry replaced by the recipe's settings (options given
+    beside it win): what a batch spec's ``recipe = "best"`` means."""
+    options = dict(options)
+    name = options.pop("recipe", None)
+    if name is None:
+        return options
+    return apply_recipe(str(name), options, explicit=set(options))[0]
