@@ -110,16 +110,29 @@ BOUND_FIELDS = [("bound", "bound"), ("kl", "KL"), ("snn_train_error", "SNN error
                 ("seconds", "seconds")]
 
 
+def _prior(options: dict[str, Any]) -> str:
+    """The prior of a bound job, as the tables name it."""
+    split = options.get("prior_split")
+    if split is None:
+        return "data-free (w0)"
+    return f"learnt ({split:g}, {options.get('prior_scheme', 'pbb')})"
+
+
+def _variant(r: dict[str, Any]) -> tuple[str, str]:
+    options = r["config"]["options"]
+    return str(options.get("posterior")), _prior(options)
+
+
 def bound_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows per (arch, posterior, BN): mean ± sd over seeds of each certificate field."""
-    cells: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
+    """Rows per (arch, posterior, prior, BN): mean ± sd over seeds of each certificate field."""
+    cells: dict[tuple[str, str, str, bool], list[dict[str, Any]]] = {}
     for r in _ok(records, "bound"):
-        key = (_label(r), str(r["config"]["options"].get("posterior")), bool(r["config"]["bn"]))
+        key = (_label(r), *_variant(r), bool(r["config"]["bn"]))
         cells.setdefault(key, []).append(r["result"])
     rows = []
-    for (arch, post, bn), res in cells.items():
-        row: dict[str, Any] = {"arch": arch, "posterior": post, "BN": _bn(bn), "seeds": len(res),
-                               "n": res[0].get("n")}
+    for (arch, post, prior, bn), res in cells.items():
+        row: dict[str, Any] = {"arch": arch, "posterior": post, "prior": prior, "BN": _bn(bn),
+                               "seeds": len(res), "n": res[0].get("n")}
         for field, name in BOUND_FIELDS:
             row[name] = _spread([x.get(field) for x in res])
         row["_mean_bound"] = mean_sd([x.get("bound") for x in res])[0]
@@ -131,13 +144,13 @@ def bound_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def layer_kl_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows per (arch, posterior, layer): KL of the layer (mean ± sd over seeds) and its share of
     the total KL, without and with BN."""
-    cells: dict[tuple[str, str, str], dict[str, dict[str, list[float]]]] = {}
+    cells: dict[tuple[str, str, str, str], dict[str, dict[str, list[float]]]] = {}
     for r in _ok(records, "bound"):
         res = r["result"]
         layers = res.get("layers") or {}
         total = res.get("kl")
         for layer, v in layers.items():
-            key = (_label(r), str(r["config"]["options"].get("posterior")), layer)
+            key = (_label(r), *_variant(r), layer)
             side = cells.setdefault(key, {}).setdefault(_bn(r["config"]["bn"]),
                                                         {"kl": [], "share": [], "k": []})
             side["kl"].append(v["kl"])
@@ -145,8 +158,8 @@ def layer_kl_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if total:
                 side["share"].append(v["kl"] / total)
     rows = []
-    for (arch, post, layer), sides in cells.items():
-        row: dict[str, Any] = {"arch": arch, "posterior": post, "layer": layer}
+    for (arch, post, prior, layer), sides in cells.items():
+        row: dict[str, Any] = {"arch": arch, "posterior": post, "prior": prior, "layer": layer}
         for side in ("no BN", "BN"):
             s = sides.get(side)
             row[f"KL ({side})"] = _spread(s["kl"]) if s else ""
@@ -185,17 +198,16 @@ def _plot_bounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
     if not rows:
         return None
     fig, (ax_b, ax_k) = subplots_grid(2, ncols=2, size=(6.0, 3.6))
-    groups = sorted({(r["arch"], r["posterior"]) for r in rows},
-                    key=lambda g: [(r["arch"], r["posterior"]) for r in rows].index(g))
+    groups = list(dict.fromkeys((r["arch"], r["posterior"], r["prior"]) for r in rows))
     for ax, field, ylabel, log in ((ax_b, "_mean_bound", "certified bound (mean over seeds)",
                                     False), (ax_k, "_mean_kl", "KL(Q‖P) (mean)", True)):
         for j, side in enumerate(("no BN", "BN")):
             xs = [i + (j - 0.5) * 0.38 for i in range(len(groups))]
-            ys = [next((r[field] for r in rows if (r["arch"], r["posterior"]) == g
+            ys = [next((r[field] for r in rows if (r["arch"], r["posterior"], r["prior"]) == g
                         and r["BN"] == side), math.nan) for g in groups]
             ax.bar(xs, ys, width=0.38, label=side)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{a}\n{p}" for a, p in groups], fontsize=7)
+        ax.set_xticklabels([f"{a}\n{p}\n{q.split(' (')[0]}" for a, p, q in groups], fontsize=6)
         ax.set_ylabel(ylabel)
         if log:
             ax.set_yscale("log")
@@ -203,11 +215,11 @@ def _plot_bounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
     return save_figure(fig, path, "Certified bounds and KL, with and without BatchNorm")
 
 
-def _plot_layer_kl(rows: list[dict[str, Any]], path: Path, posterior: str = "kfac"
+def _plot_layer_kl(rows: list[dict[str, Any]], path: Path, posterior: str = "diag"
                    ) -> Path | None:
     from ..analysis.plots import save_figure, subplots_grid
 
-    rows = [r for r in rows if r["posterior"] == posterior]
+    rows = [r for r in rows if r["posterior"] == posterior and r["prior"].startswith("learnt")]
     archs = list(dict.fromkeys(r["arch"] for r in rows))
     if not archs:
         return None
@@ -223,7 +235,7 @@ def _plot_layer_kl(rows: list[dict[str, Any]], path: Path, posterior: str = "kfa
         ax.set_title(arch, fontsize=9)
         ax.set_ylabel("KL of the layer (nats)")
         ax.legend(fontsize=7)
-    return save_figure(fig, path, f"Per-layer KL(Q‖P), {posterior} posterior")
+    return save_figure(fig, path, f"Per-layer KL(Q‖P), {posterior} posterior, learnt prior")
 
 
 def _plot_overlap(cells: dict[tuple[str, bool, int], dict[str, Any]], path: Path
