@@ -218,10 +218,10 @@ def test_cli_bound_writes_certificate(tmp_path):
                                     "--no-progress", "-o", str(out)])
     assert res.exit_code == 0, res.output
     cert = json.loads(out.read_text())
-    assert "recipe best: posterior=kfac, prior_split=0.5" in res.output
+    assert "recipe best: posterior=diag, prior_split=0.5" in res.output
     assert cert["recipe"]["chosen"]["prior_split"] == 0.5
     assert "prior_epochs" not in cert["recipe"]["chosen"]
-    assert cert["posterior"] == "kfac" and cert["prior"]["prior_epochs"] == 2
+    assert cert["posterior"] == "diag" and cert["prior"]["prior_epochs"] == 2
     assert cert["n"] == 100 and cert["prior"]["prior_n"] == 100
     assert cf.recompute_certificate(cert) == pytest.approx(cert["bound"], abs=1e-12)
 

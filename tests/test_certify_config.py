@@ -113,7 +113,7 @@ def test_recipes_operate_on_configs_and_options():
         assert set(recipe) <= fields_
     config, chosen = apply_recipe("best", CertifyConfig(prior_epochs=2), {"prior_epochs"})
     assert isinstance(config, CertifyConfig) and "prior_epochs" not in chosen
-    assert (config.posterior, config.prior_split, config.prior_epochs) == ("kfac", 0.5, 2)
+    assert (config.posterior, config.prior_split, config.prior_epochs) == ("diag", 0.5, 2)
     assert config.iterations == RECIPES["best"]["iterations"]
     options, chosen = apply_recipe("fast", {"lr": 0.5}, {"lr"})
     assert options["lr"] == 0.5 and options["iterations"] == 2000 and "lr" not in chosen
