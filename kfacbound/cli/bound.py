@@ -46,7 +46,7 @@ from .common import (
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default="default", show_default=True,
               help="fast: 2,000 steps of batch 500, lr 1e-2 (means 1e-3), about 3× faster; "
                    "best: the settings that gave the tightest certificates in our measurements "
-                   "(K-FAC posterior, learnt prior on half the data, PBB scheme, fast "
+                   "(diagonal posterior, learnt prior on half the data, PBB scheme, fast "
                    "optimiser); options given explicitly override it; the output says what it "
                    "chose.")
 @click.option("--posterior", type=click.Choice(family_names()), multiple=True,
