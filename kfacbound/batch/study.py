@@ -67,7 +67,10 @@ def _history(batch_dir: Path, record: dict[str, Any]) -> list[float]:
         return []
     from ..checkpoint import load_checkpoint
 
-    meta = load_checkpoint(batch_dir / rel).meta
+    try:
+        meta = load_checkpoint(batch_dir / rel).meta
+    except KfacboundError:  # not a readable checkpoint (e.g. a plug-in train kind's file)
+        return []
     hist = (meta.get("metrics") or {}).get("history") or []
     return [float(h["train_loss"]) for h in hist]
 
