@@ -175,5 +175,5 @@ def test_study_page_aggregates_the_records(finished, tmp_path):
             assert sum(v["kl"] for v in x["layers"].values()) == pytest.approx(x["kl"], rel=1e-9)
     claims = {r["claim"] for r in data["claims"]}
     assert {"overlap", "rank1", "alignment", "outliers", "kfac", "bn_overlap"} <= claims
-    assert (tmp_path / "study" / "overlap.png").exists()
-    assert (tmp_path / "study" / "training.png").exists()
+    assert (tmp_path / "study" / "study_overlap.png").exists()
+    assert (tmp_path / "study" / "study_training.png").exists()

@@ -345,7 +345,8 @@ def _section(title: str, text: str, rows: list[dict[str, Any]], empty: str,
 
 
 def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None = None) -> Path:
-    """Write ``report_dir/study.md`` (+ CSVs, ``study.json`` and PNGs); return its path."""
+    """Write ``report_dir/study.md`` (+ ``study_*.csv``, ``study.json`` and ``study_*.png``, beside
+    the BatchNorm report's own files); return its path."""
     batch_dir, out = Path(batch_dir), Path(report_dir)
     if not (batch_dir / "results.jsonl").exists():
         raise KfacboundError(f"{batch_dir} holds no results.jsonl: is it a batch --out directory?")
@@ -362,14 +363,14 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
     for name, rows in (("training", train), ("bounds", bounds), ("kl_layers", kl_layers),
                        ("claims", claims), ("claims_summary", summary), ("cost", cost)):
         if rows:
-            _write_csv(out / f"{name}.csv", rows)
+            _write_csv(out / f"study_{name}.csv", rows)
     write_json_atomic(out / "study.json", {
         "training": _public(train), "bounds": _public(bounds), "kl_layers": _public(kl_layers),
         "claims": claims, "claims_summary": summary, "cost": cost}, indent=1)
-    figs = {"bounds": _plot_bounds(bounds, out / "bounds.png"),
-            "kl": _plot_layer_kl(kl_layers, out / "kl_layers.png"),
-            "overlap": _plot_overlap(cells, out / "overlap.png"),
-            "training": _plot_training(curves, out / "training.png")}
+    figs = {"bounds": _plot_bounds(bounds, out / "study_bounds.png"),
+            "kl": _plot_layer_kl(kl_layers, out / "study_kl_layers.png"),
+            "overlap": _plot_overlap(cells, out / "study_overlap.png"),
+            "training": _plot_training(curves, out / "study_training.png")}
     keys = info.get("keys") or []
     done = {r["key"] for r in records if r["status"] == "ok"}
     failed = [r for r in records if r["status"] != "ok"]
@@ -386,19 +387,19 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
         "1. Training (convergence)",
         f"Mean ± sd over seeds. Plateau evidence: the relative change of the training loss over "
         f"the last {PLATEAU_EPOCHS} epochs (near 0: converged under the budget).",
-        train, "(no finished training)", figs["training"] and "training.png")
+        train, "(no finished training)", figs["training"] and "study_training.png")
     parts += _section(
         "2. Certified bounds",
         "Mean ± sd over seeds; 0-1 error bounds at confidence 1 − δ − δ′ (δ = 0.025, "
         "δ′ = 0.01). BN networks are certified in their deployed form (eval-mode BN folded into "
         "the preceding layer). Every certificate is in `artifacts/` and recomputes from its JSON "
         "(`kfacbound.bounds.certify.recompute_certificate`).",
-        bounds, "(no finished bound jobs)", figs["bounds"] and "bounds.png")
+        bounds, "(no finished bound jobs)", figs["bounds"] and "study_bounds.png")
     parts += _section(
         "3. Per-layer KL: which layers pay for the bound",
         "KL(Q‖P) = Σ over layers; each layer's KL (mean ± sd over seeds), its share of the "
         "total and KL per parameter, without and with BN.",
-        kl_layers, "(no certificates with per-layer KL)", figs["kl"] and "kl_layers.png")
+        kl_layers, "(no certificates with per-layer KL)", figs["kl"] and "study_kl_layers.png")
     parts += _section(
         "4. Dissecting-Hessian claims",
         "Verdict rules are fixed in `kfacbound/analysis/claims.py` (module docstring). Overlaps "
@@ -408,13 +409,13 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
     if claims:
         parts += _table(claims, "")
     if figs["overlap"]:
-        parts += ["![overlap](overlap.png)", ""]
+        parts += ["![overlap](study_overlap.png)", ""]
     parts += ["## 5. Cost", ""] + _table(cost, "(no records)")
     if failed:
         parts += ["## Failed jobs", ""] + [f"- `{r['key'][:12]}` {r['kind']} {_label(r)}: "
                                            f"{str(r.get('error', ''))[:200]}" for r in failed]
         parts.append("")
-    parts += ["CSV: " + ", ".join(f"`{n}.csv`" for n in ("training", "bounds", "kl_layers",
+    parts += ["CSV: " + ", ".join(f"`study_{n}.csv`" for n in ("training", "bounds", "kl_layers",
                                                          "claims", "claims_summary", "cost"))
               + "; everything in `study.json`.", ""]
     path = out / "study.md"
