@@ -26,7 +26,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kfacbound"
 # Once those branches are merged, empty this list: the whole package is then held to no cycles.
 # (test_allowed_cycles_still_exist skips, naming the entry, once an entry is no longer needed.)
 ALLOWED_CYCLES: list[tuple[str, ...]] = [
-    ("kfacbound.bounds.*",),
+    # TODO (issue 14): config → families → gather → optimize → posteriors → prior → config still
+    # import each other (mostly inside functions) since the split of certify.py
+    ("kfacbound.bounds.config", "kfacbound.bounds.families", "kfacbound.bounds.gather",
+     "kfacbound.bounds.optimize", "kfacbound.bounds.posteriors", "kfacbound.bounds.prior"),
 ]
 
 

@@ -16,9 +16,10 @@ from torch.utils.data import TensorDataset
 
 from kfacbound.bounds import certify as cf
 from kfacbound.bounds import gather
+from kfacbound.bounds.certify import certify_best
 from kfacbound.bounds.posteriors import ExactLayer, KronEigenLayer, build_posterior
 from kfacbound.bounds.prior import build_prior
-from kfacbound.bounds.select import Selection, certify_best
+from kfacbound.bounds.select import Selection
 from kfacbound.errors import KfacboundError
 
 from .test_certify import brentq_kl_inv, data_factors

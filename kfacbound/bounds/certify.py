@@ -27,12 +27,14 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import KfacboundError
 from ..models import count_parameters
 from .certificate import (
     Certificate,
@@ -74,12 +76,14 @@ from .prior import (
     prior_data,
     train_prior_mean,
 )
+from .select import Selection, options_jsonable, shares_prior
 
 __all__ = [
     "CURVATURES", "DEFAULTS", "DEFAULT_BATCH", "DEFAULT_ITERATIONS", "DEFAULT_LR",
     "DEFAULT_LR_DECAY", "DEFAULT_MEAN_LR", "DEFAULT_PRIOR_EPOCHS", "FAST_OPTIMIZER",
     "PRIOR_KINDS", "PRIOR_SCHEMES", "RECIPES", "Certificate", "CertifyConfig", "apply_recipe",
-    "certify", "certify_checkpoint", "certify_posterior", "check_disjoint", "curvature_prior",
+    "certify", "certify_best", "certify_checkpoint", "certify_posterior", "check_disjoint",
+    "curvature_prior",
     "deterministic_error", "exact_eigenbases", "expand_recipe", "grid_candidates",
     "kfac_factors", "layer_kl_terms", "mc_draws", "mc_errors", "optimize_posterior",
     "recompute_certificate", "round_lambda", "train_prior_mean",
@@ -235,3 +239,34 @@ def certify_checkpoint(*args: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 certify_checkpoint.__signature__ = _checkpoint_signature()  # type: ignore[attr-defined]
+
+
+def certify_best(ckpt: Any, dataset: Any = None, candidates: Sequence[Mapping[str, Any]] = (),
+                 **common: Any) -> dict[str, Any]:
+    """Certify every candidate (``certify_checkpoint(ckpt, dataset, **common, **candidate)``) under
+    a union bound over all of them and return the certificate with the smallest bound.
+
+    The returned certificate's ``selection`` lists every candidate (its options, bound and KL) and
+    the index ``chosen``; each candidate was certified at the budgets of :class:`Selection`, so
+    the minimum holds with probability ≥ 1 − δ − δ′.
+    """
+    candidates = [dict(c) for c in candidates]
+    if not candidates:
+        raise KfacboundError("certify_best needs at least one candidate")
+    if "selection" in common:
+        raise KfacboundError("certify_best sets the selection itself")
+    if any(k in c for c in candidates for k in ("delta", "delta_prime")):
+        raise KfacboundError("δ and δ′ are the selection's total budget: give them once, not "
+                             "per candidate")
+    sel = Selection(m=len(candidates), shared_prior=shares_prior(common, candidates))
+    certs = [certify_checkpoint(ckpt, dataset, **{**common, **cand}, selection=sel)
+             for cand in candidates]
+    chosen = min(range(len(certs)), key=lambda i: certs[i]["bound"])
+    best = certs[chosen]
+    best["selection"]["chosen"] = chosen
+    best["selection"]["candidates"] = [
+        {"options": options_jsonable(cand), "bound": c["bound"], "kl": c["kl"],
+         "mc_error": c["mc_error"]}
+        for cand, c in zip(candidates, certs, strict=True)
+    ]
+    return best

@@ -85,39 +85,6 @@ def shares_prior(common: Mapping[str, Any], candidates: Sequence[Mapping[str, An
     return True
 
 
-def certify_best(ckpt: Any, dataset: Any = None, candidates: Sequence[Mapping[str, Any]] = (),
-                 **common: Any) -> dict[str, Any]:
-    """Certify every candidate (``certify_checkpoint(ckpt, dataset, **common, **candidate)``) under
-    a union bound over all of them and return the certificate with the smallest bound.
-
-    The returned certificate's ``selection`` lists every candidate (its options, bound and KL) and
-    the index ``chosen``; each candidate was certified at the budgets of :class:`Selection`, so
-    the minimum holds with probability ≥ 1 − δ − δ′.
-    """
-    from .certify import certify_checkpoint
-
-    candidates = [dict(c) for c in candidates]
-    if not candidates:
-        raise KfacboundError("certify_best needs at least one candidate")
-    if "selection" in common:
-        raise KfacboundError("certify_best sets the selection itself")
-    if any(k in c for c in candidates for k in ("delta", "delta_prime")):
-        raise KfacboundError("δ and δ′ are the selection's total budget: give them once, not "
-                             "per candidate")
-    sel = Selection(m=len(candidates), shared_prior=shares_prior(common, candidates))
-    certs = [certify_checkpoint(ckpt, dataset, **{**common, **cand}, selection=sel)
-             for cand in candidates]
-    chosen = min(range(len(certs)), key=lambda i: certs[i]["bound"])
-    best = certs[chosen]
-    best["selection"]["chosen"] = chosen
-    best["selection"]["candidates"] = [
-        {"options": _jsonable(cand), "bound": c["bound"], "kl": c["kl"],
-         "mc_error": c["mc_error"]}
-        for cand, c in zip(candidates, certs, strict=True)
-    ]
-    return best
-
-
-def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
+def options_jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v))
             for k, v in options.items()}

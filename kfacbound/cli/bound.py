@@ -11,7 +11,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..bounds.certify import certify
+from ..bounds.certify import certify, certify_best
 from ..bounds.config import (
     DEFAULT_BATCH,
     DEFAULT_ITERATIONS,
@@ -27,7 +27,6 @@ from ..bounds.gather import CURVATURES
 from ..bounds.optimize import OBJECTIVES, SURROGATES
 from ..bounds.pacbayes import FORMULAS, GRID_B, GRID_C
 from ..bounds.prior import DEFAULT_PRIOR_EPOCHS, PRIOR_KINDS, PRIOR_SCHEMES
-from ..bounds.select import certify_best
 from ..errors import KfacboundError
 from .common import (
     dataset_from_options,
