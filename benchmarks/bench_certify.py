@@ -40,13 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kfacbound.bounds.certificate import mc_errors  # noqa: E402
 from kfacbound.bounds.certify import certify_checkpoint  # noqa: E402
 from kfacbound.bounds.config import DEFAULT_BATCH, DEFAULT_ITERATIONS, RECIPES  # noqa: E402
+from kfacbound.bounds.families import build_posterior  # noqa: E402
 from kfacbound.bounds.gather import kfac_factors  # noqa: E402
 from kfacbound.bounds.optimize import (  # noqa: E402
     objective_complexity,
     optimize_posterior,
     surrogate_loss,
 )
-from kfacbound.bounds.posteriors import build_posterior  # noqa: E402
 from kfacbound.bounds.prior import build_prior  # noqa: E402
 from kfacbound.losses import zero_one_errors  # noqa: E402
 from kfacbound.models import build_model, resolve_spec  # noqa: E402

@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from kfacbound.bounds import certify as cf
 from kfacbound.bounds import gather
-from kfacbound.bounds.posteriors import build_posterior
+from kfacbound.bounds.families import build_posterior
 from kfacbound.bounds.prior import build_prior
 from kfacbound.curvature.layout import curvature_layers, layer_matrix
 from kfacbound.models import build_model, resolve_spec

@@ -20,12 +20,13 @@ from kfacbound.bounds.families import (
     FAMILIES,
     KFACEigenbasisFamily,
     PosteriorFamily,
+    build_posterior,
     family_help,
     family_names,
     posterior_family,
     register_family,
 )
-from kfacbound.bounds.posteriors import LayerPosterior, StdInit, build_posterior
+from kfacbound.bounds.posteriors import LayerPosterior, StdInit
 from kfacbound.bounds.prior import build_prior
 from kfacbound.errors import KfacboundError
 

@@ -25,12 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kfacbound"
 #   - anything inside kfacbound.bounds (the bounds rewrite; today certify <-> select)
 # Once those branches are merged, empty this list: the whole package is then held to no cycles.
 # (test_allowed_cycles_still_exist skips, naming the entry, once an entry is no longer needed.)
-ALLOWED_CYCLES: list[tuple[str, ...]] = [
-    # TODO (issue 14): config → families → gather → optimize → posteriors → prior → config still
-    # import each other (mostly inside functions) since the split of certify.py
-    ("kfacbound.bounds.config", "kfacbound.bounds.families", "kfacbound.bounds.gather",
-     "kfacbound.bounds.optimize", "kfacbound.bounds.posteriors", "kfacbound.bounds.prior"),
-]
+ALLOWED_CYCLES: list[tuple[str, ...]] = []
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -71,13 +66,29 @@ def _targets(module: str, is_package: bool, node: ast.AST, modules) -> list[str]
     return out
 
 
+def _type_checking_imports(tree: ast.AST) -> set[int]:
+    """ids of the import nodes inside ``if TYPE_CHECKING:`` blocks: annotations only, never
+    executed, so not part of the import graph."""
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and (
+                (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+                or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")):
+            for child in node.body:
+                out.update(id(n) for n in ast.walk(child))
+    return out
+
+
 def import_graph() -> dict[str, set[str]]:
-    """Module → the package modules it imports anywhere in its source."""
+    """Module → the package modules it imports anywhere in its source (module level or inside
+    functions; ``if TYPE_CHECKING:`` blocks excluded)."""
     modules = _modules()
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, (path, is_package) in modules.items():
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.Import | ast.ImportFrom):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        typing_only = _type_checking_imports(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in typing_only:
                 graph[module].update(_targets(module, is_package, node, modules))
     return graph
 

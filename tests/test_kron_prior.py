@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kfacbound.bounds.families import build_posterior
 from kfacbound.bounds.kron_prior import KronPrior, kl_from_terms
-from kfacbound.bounds.posteriors import build_posterior
 
 from .test_posteriors import random_factors, small_mlp
 

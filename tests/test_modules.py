@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfacbound.bounds.posteriors import build_posterior
+from kfacbound.bounds.families import build_posterior
 from kfacbound.curvature import kfac, layout
 from kfacbound.curvature.exact import layer_hessian
 from kfacbound.curvature.kfac import compute_kfac

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kfacbound.bounds.families import build_posterior
 from kfacbound.bounds.posteriors import (
     DiagLayer,
     ExactLayer,
     KronEigenLayer,
-    build_posterior,
     exact_eigenbasis,
 )
 from kfacbound.bounds.prior import build_prior

@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from kfacbound.bounds import certify as cf
-from kfacbound.bounds.posteriors import LayerSlot, build_posterior
+from kfacbound.bounds.families import build_posterior
+from kfacbound.bounds.posteriors import LayerSlot
 from kfacbound.bounds.prior import build_prior
 from kfacbound.curvature.layout import curvature_layers, layer_matrix, set_layer_matrix
 from kfacbound.errors import UnsupportedModuleError

@@ -17,7 +17,8 @@ from torch.utils.data import TensorDataset
 from kfacbound.bounds import certify as cf
 from kfacbound.bounds import gather
 from kfacbound.bounds.certify import certify_best
-from kfacbound.bounds.posteriors import ExactLayer, KronEigenLayer, build_posterior
+from kfacbound.bounds.families import build_posterior
+from kfacbound.bounds.posteriors import ExactLayer, KronEigenLayer
 from kfacbound.bounds.prior import build_prior
 from kfacbound.bounds.select import Selection
 from kfacbound.errors import KfacboundError

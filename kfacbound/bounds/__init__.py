@@ -18,7 +18,7 @@
 from .certificate import Certificate, certify_posterior, recompute_certificate
 from .certify import certify_checkpoint
 from .config import CertifyConfig
-from .families import PosteriorFamily, posterior_family, register_family
+from .families import PosteriorFamily, build_posterior, posterior_family, register_family
 from .optimize import optimize_posterior
 from .pacbayes import (
     all_bounds,
@@ -38,7 +38,7 @@ from .pacbayes import (
     mcallester_bound,
     quadratic_bound,
 )
-from .posteriors import GaussianPosterior, build_posterior
+from .posteriors import GaussianPosterior
 from .prior import IsotropicPrior, build_prior
 
 __all__ = [

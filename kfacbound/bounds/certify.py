@@ -59,13 +59,12 @@ from .config import (
     apply_recipe,
     expand_recipe,
 )
-from .families import posterior_family
+from .families import build_posterior, posterior_family
 from .gather import CURVATURES, exact_eigenbases, kfac_factors
 from .inputs import resolve_inputs
 from .kron_prior import posterior_kl
 from .optimize import objective_text, optimize_posterior
 from .pacbayes import grid_candidates
-from .posteriors import build_posterior
 from .prior import (
     DEFAULT_PRIOR_EPOCHS,
     PRIOR_KINDS,

@@ -34,16 +34,19 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..curvature.layout import layer_matrix
-from ..errors import KfacboundError
+from ..curvature.layout import curvature_layers, layer_matrix
+from ..errors import KfacboundError, UnsupportedModuleError
 from .gather import EXACT_EIGENBASIS, KFAC_FACTORS, CurvatureSource
+from .pacbayes import GRID_C
 from .posteriors import (
+    STD_INITS,
     DiagLayer,
     ExactLayer,
     GaussianPosterior,
     KronEigenLayer,
     LayerPosterior,
     StdInit,
+    _ensure_folded,
     _init_log_std,
 )
 
@@ -201,3 +204,47 @@ class ExactEigenbasisFamily(EigenbasisFamily):
     curvature = EXACT_EIGENBASIS
     layer_class = ExactLayer
     missing = "the exact posterior needs an eigenbasis for layer {path}"
+
+
+# ----------------------------------------------------------------------------- building Q
+
+
+def build_posterior(
+    model: nn.Module,
+    kind: str | PosteriorFamily = "diag",
+    *,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    eigenbases: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    curvature: Mapping[str, Any] | None = None,
+    std_init: str | float = "dr",
+    std_scale: float = 1.0,
+    std_min: float = 1e-6,
+    n: int = 1,
+    prior_var: float = GRID_C,
+    dtype: torch.dtype = torch.float32,
+) -> GaussianPosterior:
+    """Build Q for ``model`` (BatchNorm is folded first; the model itself is not modified).
+
+    ``kind``: a registered posterior family (:mod:`.families`) or its name; the family builds
+    each layer's Gaussian from the curvature it declares (``family.needs(std_init)``):
+    ``factors``: {path: (G, A)} K-FAC factors in the layout of kfacbound.curvature.layout
+    (the kfac family, and the diag family with ``std_init='curvature'``);
+    ``eigenbases``: {path: (U, eigenvalues)} of the exact layer blocks (the exact family;
+    U has k ≤ P orthonormal columns, see :func:`.posteriors.exact_eigenbasis`);
+    ``curvature``: the per-layer curvature of any other source (overrides the two above).
+    ``n``: number of bound-set examples (for the curvature-informed std).
+    ``prior_var``: λ of the prior; stds are clamped to ≤ √λ at initialisation.
+    """
+    family = posterior_family(kind)
+    if isinstance(std_init, str) and std_init not in STD_INITS:
+        raise KfacboundError(f"unknown std init {std_init!r}; choose from {STD_INITS} or a number")
+    source = family.needs(std_init)
+    if curvature is None and source is not None:
+        curvature = {"factors": factors, "eigenbases": eigenbases}.get(source.name)
+    init = StdInit(std_init, std_scale, std_min, n, prior_var, dtype)
+    model = _ensure_folded(model)
+    layers = {path: family.layer(path, module, curvature, init)
+              for path, module in curvature_layers(model)}
+    if not layers:
+        raise UnsupportedModuleError("the model has no Linear/Conv2d layer to put a posterior on")
+    return GaussianPosterior(model, layers, family.name)

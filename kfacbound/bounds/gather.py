@@ -96,7 +96,7 @@ class CurvatureSource:
     """A kind of per-layer curvature: {path: curvature} from ``gather(model, X, y, loss, config,
     progress)``.
 
-    ``name`` is also the keyword of :func:`.posteriors.build_posterior` that takes it;
+    ``name`` is also the keyword of :func:`.families.build_posterior` that takes it;
     ``records_flavour``: the certificate's ``curvature`` field records ``config.curvature``
     (the K-FAC flavour) when this source was used.
     """

@@ -56,7 +56,7 @@ import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,6 @@ from ..models import fold_batchnorm, has_batchnorm
 from .pacbayes import GRID_C, kl_isotropic_terms
 
 if TYPE_CHECKING:
-    from .families import PosteriorFamily
     from .prior import IsotropicPrior
 
 STD_INITS = ("dr", "curvature")
@@ -584,46 +583,3 @@ class StdInit:
     n: int = 1
     prior_var: float = GRID_C
     dtype: torch.dtype = torch.float32
-
-
-def build_posterior(
-    model: nn.Module,
-    kind: str | PosteriorFamily = "diag",
-    *,
-    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    eigenbases: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    curvature: Mapping[str, Any] | None = None,
-    std_init: str | float = "dr",
-    std_scale: float = 1.0,
-    std_min: float = 1e-6,
-    n: int = 1,
-    prior_var: float = GRID_C,
-    dtype: torch.dtype = torch.float32,
-) -> GaussianPosterior:
-    """Build Q for ``model`` (BatchNorm is folded first; the model itself is not modified).
-
-    ``kind``: a registered posterior family (:mod:`.families`) or its name; the family builds
-    each layer's Gaussian from the curvature it declares (``family.needs(std_init)``):
-    ``factors``: {path: (G, A)} K-FAC factors in the layout of kfacbound.curvature.layout
-    (the kfac family, and the diag family with ``std_init='curvature'``);
-    ``eigenbases``: {path: (U, eigenvalues)} of the exact layer blocks (the exact family;
-    U has k ≤ P orthonormal columns, see :func:`exact_eigenbasis`);
-    ``curvature``: the per-layer curvature of any other source (overrides the two above).
-    ``n``: number of bound-set examples (for the curvature-informed std).
-    ``prior_var``: λ of the prior; stds are clamped to ≤ √λ at initialisation.
-    """
-    from .families import posterior_family
-
-    family = posterior_family(kind)
-    if isinstance(std_init, str) and std_init not in STD_INITS:
-        raise KfacboundError(f"unknown std init {std_init!r}; choose from {STD_INITS} or a number")
-    source = family.needs(std_init)
-    if curvature is None and source is not None:
-        curvature = {"factors": factors, "eigenbases": eigenbases}.get(source.name)
-    init = StdInit(std_init, std_scale, std_min, n, prior_var, dtype)
-    model = _ensure_folded(model)
-    layers = {path: family.layer(path, module, curvature, init)
-              for path, module in curvature_layers(model)}
-    if not layers:
-        raise UnsupportedModuleError("the model has no Linear/Conv2d layer to put a posterior on")
-    return GaussianPosterior(model, layers, family.name)
