@@ -53,14 +53,20 @@ def dense_kl(Q, P) -> float:
 # ----------------------------------------------------------------------------- sampled = certified
 
 
+def _random_kron_posterior(seed: int):
+    """(generator, w0 model, a float32 K-FAC posterior on random factors) for a small MLP."""
+    gen = torch.Generator().manual_seed(seed)
+    model, init = small_mlp(0), small_mlp(1)
+    Q = build_posterior(model, "kfac", factors=random_factors(model, gen), std_init=0.05,
+                        dtype=torch.float32)
+    return gen, init, Q
+
+
 def test_kron_kl_is_the_kl_of_the_sampled_gaussian_for_non_orthogonal_bases():
     """float32 bases are orthogonal only to rounding; the KL must be that of the Gaussian whose
     covariance (Ũ_G ⊗ Ũ_A) D (Ũ_G ⊗ Ũ_A)ᵀ is sampled. Exaggerate the rounding (a 5 %
     perturbation) so that the orthogonal-basis formula would be visibly wrong."""
-    gen = torch.Generator().manual_seed(4)
-    model, init = small_mlp(0), small_mlp(1)
-    Q = build_posterior(model, "kfac", factors=random_factors(model, gen), std_init=0.05,
-                        dtype=torch.float32)
+    gen, init, Q = _random_kron_posterior(4)
     with torch.no_grad():
         for _, layer in Q.layers():
             assert isinstance(layer, KronEigenLayer) and layer.U_G.dtype == torch.float32
@@ -267,10 +273,7 @@ def test_selection_over_formulas_or_per_candidate_deltas_does_not_share(trained)
 
 def test_per_layer_kl_matches_dense_kl_of_each_layer():
     """kl_layers (the BatchNorm study's breakdown) against a dense float64 KL per layer."""
-    gen = torch.Generator().manual_seed(7)
-    model, init = small_mlp(0), small_mlp(1)
-    Q = build_posterior(model, "kfac", factors=random_factors(model, gen), std_init=0.05,
-                        dtype=torch.float32)
+    gen, init, Q = _random_kron_posterior(7)
     with torch.no_grad():
         for _, layer in Q.layers():
             layer.log_std.add_(0.3 * torch.randn(layer.log_std.shape, generator=gen))
