@@ -254,7 +254,7 @@ def _architectures(raw: dict[str, Any], where: str) -> list[tuple[dict[str, Any]
         if train is not None:
             if not isinstance(train, dict):
                 raise KfacboundError(f"{here}: train must be a table of TrainConfig fields")
-            spec["_train"] = train  # popped again when the train jobs are made
+            spec["_train"] = train  # taken out again by expand_spec (arch_train)
         out.append((spec, str(label)))
     labels = [lab for _, lab in out]
     if len(set(labels)) != len(labels):
@@ -426,6 +426,7 @@ def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
     kinds = _plugin_kinds(raw, where)
     datasets = _datasets(raw, where)
     archs = _architectures(raw, where)
+    arch_train = {label: spec.pop("_train") for spec, label in archs if "_train" in spec}
     analyses = _analyses(raw, kinds, where)
     imports = checkpoint_sources(_checkpoint_paths(raw, where), where)
 
@@ -463,12 +464,11 @@ def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
     # producers of checkpoints: train jobs of the grid, and imported checkpoint files
     producers: list[Job] = []
     if train_options is not None:
+        per_arch = {label: _train_options(raw, f"{where}: architecture {label!r}", override)
+                    for label, override in arch_train.items()}
         for (ds, ds_label), (arch, arch_label), bn, seed in itertools.product(
                 datasets, archs, bns, seeds):
-            arch = dict(arch)
-            override = arch.pop("_train", None)
-            options = train_options if override is None else _train_options(
-                raw, f"{where}: architecture {arch_label!r}", override)
+            options = per_arch.get(arch_label, train_options)
             producers.append(add({
                 "kind": "train",
                 "dataset": ds,
@@ -497,8 +497,7 @@ def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
             for (ds, ds_label), (arch, arch_label), bn, seed in itertools.product(
                     ds_axis, arch_axis, bns, seeds):
                 add({"kind": kind, "dataset": ds,
-                     "arch": None if arch is None else dict(
-                         {k: v for k, v in arch.items() if k != "_train"}, bn=bn), "bn": bn,
+                     "arch": None if arch is None else dict(arch, bn=bn), "bn": bn,
                      "seed": seed, "options": copy.deepcopy(options),
                      "label": {"dataset": ds_label, "arch": arch_label}})
             continue
