@@ -584,3 +584,62 @@ epochs = 2
     assert "schedule" not in by_label["fc-4"]["options"]
     with pytest.raises(KfacboundError, match="schedule"):
         parse_spec(text.replace('"cosine"', '"linear"'))
+
+
+def test_mark_stale_retracts_matching_results_which_then_run_again(tmp_path):
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text(spec_text("""
+[[analyses]]
+kind = "echo"
+[analyses.grid]
+value = [1, 2, 3]
+"""))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    args = ["batch", str(spec_file), "--out", str(out), "--executor", "inline", "--no-progress"]
+    assert runner.invoke(main, args).exit_code == 0
+    n_lines = len(read_records(out / "results.jsonl"))
+    res = runner.invoke(main, [*args, "--mark-stale", "kind=echo,options.value=2"])
+    assert res.exit_code != 0 and "reason" in res.output  # a reason is required
+    res = runner.invoke(main, [*args, "--mark-stale", "kind=echo,options.value=2",
+                               "--reason", "echo was wrong"])
+    assert res.exit_code == 0, res.output
+    assert "marked 1 finished result(s) stale" in res.output
+    records = read_records(out / "results.jsonl")
+    assert len(records) == n_lines + 2  # the retraction, then the job's new result
+    stale, rerun = records[-2], records[-1]
+    assert stale["status"] == "stale" and stale["stale"]["reason"] == "echo was wrong"
+    assert stale["stale"]["where"] == {"kind": "echo", "options.value": 2}
+    assert rerun["key"] == stale["key"] and rerun["status"] == "ok"
+    assert rerun["result"]["value"] == 2
+    assert set(statuses(out).values()) == {"ok"}
+    # nothing matches: nothing is marked, nothing runs
+    res = runner.invoke(main, [*args, "--mark-stale", "options.value=9", "--reason", "x"])
+    assert "marked 0" in res.output and len(read_records(out / "results.jsonl")) == n_lines + 2
+
+
+def test_new_bound_options_stay_out_of_the_key_at_their_old_behaviour():
+    """optimizer / schedule / prior_dropout came after studies were run: at the values that
+    reproduce the old behaviour they are not in a bound job's options (so keys are unchanged)
+    and the adapter passes them back to certify_checkpoint; other values are in the key."""
+    from kfacbound.batch.jobs import get_job_kind
+
+    base = """
+seeds = [0]
+datasets = ["digits"]
+architectures = [{ arch = "fc", widths = [4] }]
+[[analyses]]
+kind = "bound"
+"""
+    def bound_options(extra: str) -> dict:
+        jobs = parse_spec(base + extra).jobs
+        return next(j for j in jobs if j.kind == "bound").config["options"]
+
+    plain = bound_options("")
+    assert not {"optimizer", "schedule", "prior_dropout"} & set(plain)
+    assert bound_options('optimizer = "rmsprop"\nschedule = "step"\nprior_dropout = 0.0') == plain
+    adam = bound_options('optimizer = "adam"\nprior_dropout = 0.2')
+    assert adam["optimizer"] == "adam" and adam["prior_dropout"] == 0.2
+    call = get_job_kind("bound").call_options(plain)
+    assert call["optimizer"] == "rmsprop" and call["schedule"] == "step"
+    assert call["prior_dropout"] == 0.0

@@ -23,7 +23,9 @@ from kfacbound.bounds.posteriors import GaussianPosterior
 from kfacbound.bounds.prior import IsotropicPrior
 from kfacbound.errors import KfacboundError
 
-#: certify_checkpoint's signature before the refactor (issue 14): batch job keys hash it.
+#: certify_checkpoint's signature (issue 14's refactor kept it): batch job keys hash it. Added
+#: since, key-neutral at their old-behaviour values (kfacbound.batch.jobs, "bound" kind):
+#: optimizer, schedule, prior_dropout.
 SIGNATURE = (
     "(ckpt_or_model: 'Any', dataset: 'Any' = None, posterior: 'str' = 'diag', curvature: 'str' "
     "= 'kflr', iterations: 'int' = 20000, delta: 'float' = 0.025, delta_prime: 'float' = 0.01, "
@@ -31,10 +33,12 @@ SIGNATURE = (
     "'int' = 0, progress: 'bool' = True, *, init_model: 'nn.Module | None' = None, "
     "test_dataset: 'Any' = None, loss: 'str | None' = None, formula: 'str' = 'maurer', "
     "objective: 'str' = 'pinsker', surrogate: 'str' = 'bits', lr: 'float' = 0.001, mean_lr: "
-    "'float | None' = None, lr_decay: 'tuple[float, float] | None' = (0.25, 0.1), batch_size: "
-    "'int' = 100, std_init: 'str | float' = 'dr', std_scale: 'float' = 1.0, basis_every: "
+    "'float | None' = None, lr_decay: 'tuple[float, float] | None' = (0.25, 0.1), optimizer: "
+    "'str' = 'rmsprop', schedule: 'str' = 'step', batch_size: 'int' = 100, std_init: "
+    "'str | float' = 'dr', std_scale: 'float' = 1.0, basis_every: "
     "'int | None' = None, exact_k: 'int | None' = None, prior_epochs: 'int' = 10, "
-    "prior_scheme: 'str' = 'pbb', prior_kind: 'str' = 'isotropic', c: 'float' = 0.1, b: "
+    "prior_dropout: 'float' = 0.0, prior_scheme: 'str' = 'pbb', prior_kind: 'str' = "
+    "'isotropic', c: 'float' = 0.1, b: "
     "'float' = 100.0, mc_batch_size: 'int' = 8192, selection: 'Selection | None' = None) -> "
     "'dict[str, Any]'"
 )

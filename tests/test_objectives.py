@@ -80,3 +80,48 @@ def test_certificate_with_pbb_objective_and_bounded_ce(objective):
     assert ce["mc_bound"] == pytest.approx(ub, abs=1e-9)
     assert ce["bound"] == pytest.approx(brentq_kl_inv(ub, cert["complexity"]), abs=1e-9)
     assert 0 <= ce["mc_mean"] <= ce["mc_bound"] <= ce["bound"] <= 1
+
+
+# ------------------------------------------------------------------- optimiser and schedule
+
+
+def test_lr_factor_by_hand():
+    from kfacbound.bounds.optimize import lr_factor
+
+    assert lr_factor(0, 100, "cosine") == 1.0
+    assert lr_factor(50, 100, "cosine") == pytest.approx(0.5)
+    assert lr_factor(25, 100, "cosine") == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    assert lr_factor(99, 100, "cosine", (0.25, 0.1)) == pytest.approx(
+        (1 + math.cos(0.99 * math.pi)) / 2)  # lr_decay is not used by 'cosine'
+    assert [lr_factor(s, 100, "step", (0.25, 0.1)) for s in (0, 74, 75, 99)] == [1, 1, 0.1, 0.1]
+    assert lr_factor(99, 100, "step", None) == 1.0
+    with pytest.raises(KfacboundError, match="schedule"):
+        lr_factor(0, 10, "linear")
+
+
+@pytest.mark.parametrize("optimizer,factor", [("adam", 1.0), ("rmsprop", 10.0)])
+def test_first_optimiser_step_has_the_textbook_size(optimizer, factor):
+    """One step from zero state moves each mean coordinate with a non-zero gradient g by
+    lr·g/|g| for Adam (bias-corrected m̂/√v̂ = g/|g|) and by lr·g/√(0.01 g²) = 10·lr·sign(g) for
+    RMSprop (α = 0.99): an independent check that the chosen optimiser is the one that ran."""
+    from kfacbound.bounds.families import build_posterior
+    from kfacbound.bounds.optimize import optimize_posterior
+    from kfacbound.bounds.prior import build_prior
+
+    X, y = toy_data(n=64)
+    _, init, model = toy_model()
+    Q = build_posterior(model, "diag", n=len(X))
+    P = build_prior(Q, init)
+    before = [p.detach().clone() for n, p in Q.named_parameters() if n.endswith(".mean")]
+    mean_lr = 1e-3
+    optimize_posterior(Q, P, X, y, iterations=1, batch_size=64, lr=1e-2, mean_lr=mean_lr,
+                       optimizer=optimizer, schedule="cosine", train_prior=False,
+                       progress=False)
+    after = [p.detach() for n, p in Q.named_parameters() if n.endswith(".mean")]
+    steps = torch.cat([(a - b).abs().reshape(-1) for a, b in zip(after, before, strict=True)])
+    moved = steps[steps > 0]
+    assert len(moved) > 0.5 * len(steps)
+    torch.testing.assert_close(moved, torch.full_like(moved, factor * mean_lr), rtol=2e-3,
+                               atol=0.0)
+    with pytest.raises(KfacboundError, match="optimizer"):
+        optimize_posterior(Q, P, X, y, iterations=1, optimizer="sgd", progress=False)

@@ -50,8 +50,9 @@ def _net():
     return model, X, y
 
 
+@pytest.mark.parametrize("method", ["arpack", "lanczos"])
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
-def test_lanczos_top_k_matches_dense_eigh_on_hessian_operator(which):
+def test_lanczos_top_k_matches_dense_eigh_on_hessian_operator(which, method):
     model, X, y = _net()
     op = hessian_operator(model, X, y, "ce", batch_size=10)
     H = exact_hessian(model, X, y, "ce").numpy()
@@ -59,7 +60,7 @@ def test_lanczos_top_k_matches_dense_eigh_on_hessian_operator(which):
     k = 5
     order = {"LA": np.argsort(-evals), "SA": np.argsort(evals),
              "LM": np.argsort(-np.abs(evals))}[which][:k]
-    lam, V = top_eigenpairs(op, k, which)
+    lam, V = top_eigenpairs(op, k, which, method=method)
     ref = evals[order]
     np.testing.assert_allclose(lam, np.sort(ref)[::-1], rtol=1e-8, atol=1e-10)
     # eigenvectors: the same subspace (overlap 1) and residual ‖Hv − λv‖ small
@@ -72,6 +73,8 @@ def test_top_eigenpairs_dense_inputs_and_errors():
     for M in (A, torch.from_numpy(A)):
         vals, _ = top_eigenpairs(M, 3)
         np.testing.assert_allclose(vals, np.sort(lam)[::-1][:3], atol=1e-10)
+        vals, _ = top_eigenpairs(M, 3, method="lanczos")
+        np.testing.assert_allclose(vals, np.sort(lam)[::-1][:3], atol=1e-10)
     vals, V = top_eigenpairs(A, 12)  # k >= p - 1: dense path
     np.testing.assert_allclose(vals, np.sort(lam)[::-1], atol=1e-10)
     assert eigenspace_overlap(V, np.eye(12)) == pytest.approx(1.0)
@@ -79,6 +82,24 @@ def test_top_eigenpairs_dense_inputs_and_errors():
         top_eigenpairs(A, 0)
     with pytest.raises(KfacboundError):
         top_eigenpairs(np.ones((3, 4)), 1)
+
+
+def test_unrestarted_lanczos_stops_on_its_residuals_in_the_operators_dtype():
+    """float32 Hessian operator, tol 1e-4: every returned pair's residual ‖Hv − θv‖ (dense,
+    float64) is within the stopping rule's tol·|θ| (plus float32 rounding), the eigenvalues are
+    the dense top-k, and fewer products were used than the step cap."""
+    model, X, y = _net()
+    H = exact_hessian(model, X, y, "ce").numpy()
+    ref = np.sort(np.linalg.eigvalsh(H))[::-1][:4]
+    op = hessian_operator(model.float(), X.float(), y, "ce", dtype=np.float32)
+    lam, V = top_eigenpairs(op, 4, tol=1e-4, method="lanczos")
+    np.testing.assert_allclose(lam, ref, rtol=1e-3)
+    V = V / np.linalg.norm(V, axis=0)
+    resid = np.linalg.norm(H @ V - V * lam, axis=0)
+    assert np.all(resid <= 1e-4 * np.abs(lam) + 1e-4)
+    assert 4 <= op.num_products < H.shape[0]
+    with pytest.raises(KfacboundError, match="method"):
+        top_eigenpairs(op, 2, method="power")
 
 
 def test_ggn_operator_top_k_matches_dense_ggn():

@@ -338,6 +338,10 @@ def test_learnt_prior_of_a_batchnorm_network_trains_with_its_batchnorm(monkeypat
     assert seen[0] is True  # the network that trained had its BatchNorm
     assert "BatchNorm" in cert["prior"]["data"]["prior_mean"]
     trained_bn = seen[1].eval()
+    # it trained in train mode: batch statistics normalised it and the running statistics moved
+    # away from their initial (0, 1) (a forward in eval mode would leave them there)
+    assert not torch.allclose(trained_bn.bn1.running_mean, torch.zeros(()))
+    assert not torch.allclose(trained_bn.bn1.running_var, torch.ones(()))
     # fold by hand: W' = diag(s) W, b' = s (b − μ) + β with s = γ/√(σ² + ε)
     lin, bn = trained_bn.fc1, trained_bn.bn1
     s = bn.weight / torch.sqrt(bn.running_var + bn.eps)

@@ -36,6 +36,7 @@ from ..io import atomic_write, to_jsonable, write_json_atomic
 from ..losses import default_loss
 from ..models import count_parameters
 from ..train import TrainConfig, train_model
+from .jobs import get_job_kind
 from .records import artifact_path, checkpoint_path, job_key, needed_checkpoints
 
 # The analyses (kfacbound.curvature, .bounds, .analysis) are imported inside the functions that
@@ -104,8 +105,9 @@ def bound(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
     (path,) = needed_checkpoints(config, out_dir)
     dataset = config.get("dataset") or None
+    options = get_job_kind("bound").call_options(config["options"])
     cert = certify_checkpoint(str(path), dataset, progress=False, seed=int(config["seed"]),
-                              **config["options"])
+                              **options)
     cert_path = artifact_path(out_dir, job_key(config), ".cert.json")
     _write_json(cert_path, cert)
     return bound_summary(cert, artifact=str(cert_path.relative_to(out_dir)))

@@ -334,7 +334,7 @@ def compare_checkpoints(paths: list[str | Path], report_dir: str | Path,
               progress=progress,
               command="kfacbound compare " + " ".join(map(str, paths)))
     records = batch_records(batch_dir)
-    failed = [r for r in records if r["status"] != "ok"]
+    failed = [r for r in records if r["status"] == "error"]
     path = compare_records(records, report_dir, source=", ".join(f"`{p}`" for p in paths))
     if failed:
         with open(path, "a") as fh:

@@ -61,7 +61,10 @@ class JobKind:
     accepts; when importable, unknown options are rejected at spec time and defaults are filled
     in, so the job's key covers them. ``expand``: optional "module:function" applied to the
     options first (the bound kind expands ``recipe = "best"`` into the recipe's options, so the
-    key holds the values a recipe stands for, not its name).
+    key holds the values a recipe stands for, not its name). ``key_neutral``: options added
+    after studies were run, with the value that reproduces the old behaviour: left out of the
+    resolved options (and so of the key) at that value, so that an older study still resumes;
+    :meth:`call_options` puts them back before the job runs.
     """
 
     name: str
@@ -72,6 +75,12 @@ class JobKind:
     excluded: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     expand: str | None = None
+    key_neutral: dict[str, Any] = field(default_factory=dict)
+
+    def call_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The keywords a job passes to its function: its options with the key-neutral ones
+        that were left out at their neutral value restored."""
+        return {**self.key_neutral, **options}
 
     def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Options checked against ``options_from`` (plus ``extra``, the adapter's own options
@@ -99,6 +108,9 @@ class JobKind:
                 full[name] = options[name]
             elif p.default is not inspect.Parameter.empty and _jsonable_default(p.default):
                 full[name] = p.default
+        for name, neutral in self.key_neutral.items():
+            if name in full and full[name] == neutral:
+                del full[name]
         return full
 
 
@@ -113,8 +125,8 @@ JOB_KINDS: dict[str, JobKind] = {}
 def register_job_kind(name: str, entry: str | Callable[..., dict[str, Any]], needs: str = "none",
                       description: str = "", options_from: str | None = None,
                       excluded: tuple[str, ...] = (),
-                      extra: dict[str, Any] | None = None, expand: str | None = None
-                      ) -> JobKind:
+                      extra: dict[str, Any] | None = None, expand: str | None = None,
+                      key_neutral: dict[str, Any] | None = None) -> JobKind:
     """Register (or replace) a job kind; ``entry`` is "module:function" or a module-level
     function (stored by its import path, so worker processes can import it)."""
     if needs not in NEEDS:
@@ -126,7 +138,7 @@ def register_job_kind(name: str, entry: str | Callable[..., dict[str, Any]], nee
                 f"job function {qual} must be a module-level function of an importable module")
         entry = f"{module}:{qual}"
     kind = JobKind(name, entry, needs, description, options_from, excluded, dict(extra or {}),
-                   expand)
+                   expand, dict(key_neutral or {}))
     JOB_KINDS[name] = kind
     return kind
 
@@ -179,7 +191,8 @@ register_job_kind("bound", "kfacbound.batch.adapters:bound", "checkpoint",
                   options_from="kfacbound.bounds.certify:certify_checkpoint",
                   excluded=("ckpt_or_model", "dataset", "progress", "init_model",
                             "test_dataset", "seed"),
-                  expand="kfacbound.bounds.certify:expand_recipe")
+                  expand="kfacbound.bounds.certify:expand_recipe",
+                  key_neutral={"optimizer": "rmsprop", "schedule": "step", "prior_dropout": 0.0})
 register_job_kind("structure", "kfacbound.batch.adapters:structure", "checkpoints",
                   "eigenspace overlap across seeds, rank-1 ratio, outliers",
                   options_from="kfacbound.analysis.structure:structure_report",

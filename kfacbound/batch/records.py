@@ -10,6 +10,9 @@ them.
   ``fsync``. A process killed at any moment leaves either the full line or none of it (at worst,
   on a crash of the machine, a truncated *last* line, which :func:`read_records` skips and the
   next append terminates first).
+- Retractions: :func:`mark_stale` appends a ``status = "stale"`` record for finished results
+  computed by code since found wrong; the latest record of a key is its status, so the job runs
+  again.
 - ``batch.json``: the spec text, the command and the job keys of the latest run.
 - ``checkpoints/<key>.kfb``: the train jobs' checkpoints (:func:`checkpoint_path`).
 - ``artifacts/<key>.*``: other files jobs write (:func:`artifact_path`).
@@ -127,6 +130,45 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 def latest_records(path: str | Path) -> dict[str, dict[str, Any]]:
     """key → the key's latest record (its current status)."""
     return {r["key"]: r for r in read_records(path)}
+
+
+#: Status of a record that retracts a finished result (:func:`mark_stale`): the job runs again.
+STALE = "stale"
+
+
+def config_value(config: dict[str, Any], path: str) -> Any:
+    """The value at a dotted ``path`` of a job config (``options.prior_split``, ``arch.bn``);
+    a missing entry reads as None."""
+    value: Any = config
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def mark_stale(path: str | Path, where: dict[str, Any], reason: str) -> list[str]:
+    """Retract every finished result whose config matches all of ``where`` (dotted path →
+    value, :func:`config_value`): append a record with status :data:`STALE`, the reason and the
+    retracted record's timing, so that the next run of the batch runs the job again and the
+    file keeps the history. For results computed by code since found wrong (the key covers the
+    options, not the code). Returns the keys marked."""
+    if not where:
+        raise KfacboundError("mark_stale needs at least one path=value condition")
+    if not reason.strip():
+        raise KfacboundError("say why the results are stale (a reason is recorded)")
+    marked = []
+    for key, record in latest_records(path).items():
+        config = record.get("config") or {}
+        if record["status"] != "ok" or any(config_value(config, k) != v
+                                            for k, v in where.items()):
+            continue
+        append_record(path, {
+            "key": key, "kind": record.get("kind"), "status": STALE, "config": config,
+            "error": None, "result": None,
+            "stale": {"reason": reason, "marked": utc_now(), "where": where,
+                      "retracted_timing": record.get("timing")},
+        })
+        marked.append(key)
+    return marked
 
 
 def batch_info(out_dir: str | Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import KfacboundError
 from ..io import write_text_atomic
-from .records import RESULTS, batch_info, latest_records
+from .records import RESULTS, STALE, batch_info, latest_records
 
 SUMMARY = "summary.csv"
 REPORT = "report.md"
@@ -161,7 +161,8 @@ def report_markdown(out_dir: str | Path, records: list[dict[str, Any]]) -> str:
     info = batch_info(out_dir)
     rows = [record_row(r) for r in records]
     n_ok = sum(r["status"] == "ok" for r in rows)
-    failed = [r for r in rows if r["status"] != "ok"]
+    failed = [r for r in rows if r["status"] == "error"]
+    n_stale = sum(r["status"] == STALE for r in rows)
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"# Batch report: {info.get('name', Path(out_dir).name)}", ""]
     if info.get("description"):
@@ -173,7 +174,8 @@ def report_markdown(out_dir: str | Path, records: list[dict[str, Any]]) -> str:
         f"- last run started: {info.get('started', '?')} (executor {info.get('executor', '?')}, "
         f"workers {info.get('workers', '?')})",
         f"- jobs: {len(rows)} recorded of {len(info.get('keys', rows))} in the spec; "
-        f"{n_ok} ok, {len(failed)} failed",
+        f"{n_ok} ok, {len(failed)} failed"
+        + (f", {n_stale} retracted as stale (they run again)" if n_stale else ""),
         "",
     ]
     if info.get("spec_text"):

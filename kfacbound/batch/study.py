@@ -373,7 +373,7 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
             "training": _plot_training(curves, out / "study_training.png")}
     keys = info.get("keys") or []
     done = {r["key"] for r in records if r["status"] == "ok"}
-    failed = [r for r in records if r["status"] != "ok"]
+    failed = [r for r in records if r["status"] == "error"]
     missing = [k for k in keys if k not in done]
     cpu = sum(float((r.get("timing") or {}).get("cpu_s") or 0) for r in records)
     parts = [f"# {title or info.get('name') or 'Batch'}: the BatchNorm study", "",

@@ -23,7 +23,7 @@ from ..errors import KfacboundError
 from ..losses import check_loss
 from .families import posterior_family
 from .gather import CURVATURES
-from .optimize import OBJECTIVES, SURROGATES, lr_decay_step
+from .optimize import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, SURROGATES, lr_decay_step
 from .pacbayes import FORMULAS, GRID_B, GRID_C
 from .posteriors import STD_INITS
 from .prior import DEFAULT_PRIOR_EPOCHS, check_prior_options
@@ -43,6 +43,8 @@ FAST_OPTIMIZER = {"iterations": 2000, "batch_size": 500, "lr": 1e-2, "mean_lr": 
 # Learning rates × 0.1 for the last quarter of the steps. Not in D&R's recipe; measured on binary
 # Fashion-MNIST T-600 (20k steps, K-FAC posterior): 0.1716 without, 0.1580 with (results/bounds).
 DEFAULT_LR_DECAY = (0.25, 0.1)
+DEFAULT_OPTIMIZER = "rmsprop"
+DEFAULT_SCHEDULE = "step"
 
 #: Command-line flags of the options whose flag is not ``--`` + the name with dashes.
 _FLAGS = {"c": "--grid-c", "b": "--grid-b", "prior_kind": "--prior"}
@@ -62,11 +64,13 @@ class CertifyConfig:
     ``std_init`` ('dr', 'curvature' or a positive number, also given as a string),
     ``std_scale``, ``basis_every`` (refresh the family's basis every that many steps),
     ``exact_k`` (top-k exact eigenvectors per layer). Optimiser: ``iterations``, ``lr``,
-    ``mean_lr`` (None: ``lr``), ``lr_decay=(f, γ)`` (rates × γ for the last fraction f of the
-    steps; None or f = 0: constant, D&R's schedule), ``batch_size``, ``objective``,
+    ``mean_lr`` (None: ``lr``), ``optimizer`` ('rmsprop', 'adam'), ``schedule`` ('step':
+    ``lr_decay=(f, γ)``, rates × γ for the last fraction f of the steps, None or f = 0:
+    constant, D&R's schedule; 'cosine': rates × ½(1 + cos(π t/T))), ``batch_size``, ``objective``,
     ``surrogate``. Certificate: ``delta``, ``delta_prime``, ``formula``, ``mc_passes``,
     ``mc_batch_size``, the λ grid ``c``, ``b``, ``selection`` (this run is one candidate of a
     selection, :mod:`.select`). Prior (:mod:`.prior`): ``prior_split``, ``prior_epochs``,
+    ``prior_dropout``,
     ``prior_scheme``, ``prior_kind``. Run: ``loss`` (None: the checkpoint's or the natural one),
     ``device``, ``seed``, ``progress``.
 
@@ -90,12 +94,15 @@ class CertifyConfig:
     lr: float = DEFAULT_LR
     mean_lr: float | None = DEFAULT_MEAN_LR
     lr_decay: tuple[float, float] | None = DEFAULT_LR_DECAY
+    optimizer: str = DEFAULT_OPTIMIZER
+    schedule: str = DEFAULT_SCHEDULE
     batch_size: int = DEFAULT_BATCH
     std_init: str | float = "dr"
     std_scale: float = 1.0
     basis_every: int | None = None
     exact_k: int | None = None
     prior_epochs: int = DEFAULT_PRIOR_EPOCHS
+    prior_dropout: float = 0.0
     prior_scheme: str = "pbb"
     prior_kind: str = "isotropic"
     c: float = GRID_C
@@ -116,6 +123,9 @@ class CertifyConfig:
                 _check_int(name, getattr(self, name), 1)
         if self.prior_split is not None:
             _check_prob("prior_split", self.prior_split)
+        if (isinstance(self.prior_dropout, bool) or not isinstance(self.prior_dropout, int | float)
+                or not 0.0 <= self.prior_dropout < 1.0):
+            raise KfacboundError(f"--prior-dropout must lie in [0, 1), not {self.prior_dropout!r}")
         object.__setattr__(self, "std_init", _std_init(self.std_init))
         for name in ("lr", "mean_lr", "std_scale", "c", "b"):
             if getattr(self, name) is not None or name != "mean_lr":
@@ -129,6 +139,8 @@ class CertifyConfig:
         _check_choice("formula", self.formula, FORMULAS)
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("surrogate", self.surrogate, SURROGATES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, LR_SCHEDULES)
         if self.loss is not None:
             check_loss(self.loss)
         check_prior_options(self)

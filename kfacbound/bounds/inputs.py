@@ -127,6 +127,10 @@ def resolve_data(dataset: Any, test_dataset: Any, meta: Mapping[str, Any]):
 
 
 def num_outputs(model: nn.Module, X: torch.Tensor) -> int:
-    """The number of logits of ``model`` (evaluated on the first example of ``X``)."""
+    """The number of logits of ``model`` (evaluated in eval mode on the first example of
+    ``X``); the model's train/eval mode is restored afterwards."""
+    training = model.training
     with torch.no_grad():
-        return int(model.eval()(X[:1]).shape[-1])
+        out = model.eval()(X[:1])
+    model.train(training)
+    return int(out.shape[-1])

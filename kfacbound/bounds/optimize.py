@@ -32,10 +32,12 @@ loss). ``surrogate='bounded-ce'`` instead uses PBB's bounded cross-entropy
 upper bound of the 0-1 loss; the certificate always bounds the 0-1 error (and reports the
 bounded-CE certificate beside it).
 
-Optimiser: RMSprop, lr 1e-3 (their default), batch 100. λ is trained through log λ and rounded
-to the grid by the certificate, not here. ``lr_decay=(f, γ)`` multiplies every learning rate by γ
-for the last fraction f of the steps: with a constant rate the final iterate keeps the noise of the
-stochastic gradients, a short low-rate phase settles it (a step schedule, not part of D&R's recipe).
+Optimiser: ``optimizer='rmsprop'`` (D&R's; lr 1e-3, batch 100) or ``'adam'``. λ is trained
+through log λ and rounded to the grid by the certificate, not here. Learning-rate schedule
+(``schedule=``): ``'step'`` with ``lr_decay=(f, γ)`` multiplies every learning rate by γ for the
+last fraction f of the steps (with a constant rate the final iterate keeps the noise of the
+stochastic gradients, a short low-rate phase settles it; not part of D&R's recipe); ``'cosine'``
+scales every rate by ½(1 + cos(π t/T)) at step t of T (``lr_decay`` is then not used).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ from .prior import IsotropicPrior
 
 LN2 = math.log(2.0)
 OBJECTIVES = ("pinsker", "quad", "lambda", "kl")
+OPTIMIZERS = ("rmsprop", "adam")
+LR_SCHEDULES = ("step", "cosine")
 SURROGATES = ("bits", "bounded-ce")
 #: PBB's probability floor of the bounded cross-entropy.
 P_MIN = 1e-5
@@ -181,6 +185,19 @@ def lr_decay_step(lr_decay: Sequence[float] | None, iterations: int) -> int | No
     return int(round((1.0 - frac) * iterations))
 
 
+def lr_factor(step: int, iterations: int, schedule: str = "step",
+              lr_decay: Sequence[float] | None = None) -> float:
+    """The factor on every base learning rate at ``step`` (0-based) of ``iterations``:
+    'step': γ from :func:`lr_decay_step` on (``lr_decay=(f, γ)``), else 1; 'cosine':
+    ½(1 + cos(π · step / iterations)), from 1 at step 0 towards 0 at the last step."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / max(1, iterations)))
+    if schedule != "step":
+        raise KfacboundError(f"unknown schedule {schedule!r}; choose from {LR_SCHEDULES}")
+    start = lr_decay_step(lr_decay, iterations)
+    return float(lr_decay[1]) if start is not None and step >= start else 1.0
+
+
 @dataclass
 class TrainLog:
     """History of the optimisation (every ``log_every`` steps)."""
@@ -204,6 +221,8 @@ def optimize_posterior(
     lr: float = 1e-3,
     mean_lr: float | None = None,
     lr_decay: tuple[float, float] | None = None,
+    optimizer: str = "rmsprop",
+    schedule: str = "step",
     delta: float = 0.025,
     formula: str = "maurer",
     objective: str = "pinsker",
@@ -218,11 +237,12 @@ def optimize_posterior(
     progress: bool = True,
     log_every: int = 100,
 ) -> TrainLog:
-    """Minimise surrogate + √(B/2) over (M, log-std, log λ) with RMSprop; returns the history.
+    """Minimise the objective over (M, log-std, log λ); returns the history.
 
     ``mean_lr``: learning rate of the means (default ``lr``; the stds and log λ use ``lr``).
-    ``lr_decay=(f, γ)``: multiply all learning rates by γ for the last fraction f of the steps
-    (``None`` or f = 0: constant learning rates).
+    ``optimizer``: 'rmsprop' or 'adam'. ``schedule='step'``: ``lr_decay=(f, γ)`` multiplies all
+    learning rates by γ for the last fraction f of the steps (``None`` or f = 0: constant
+    rates); ``'cosine'``: every rate × ½(1 + cos(π t/T)), ``lr_decay`` unused.
     ``X, y``: the bound set (n = len(X) unless given). ``basis_every``: every that many steps,
     the posterior's family refreshes Q with the curvature ``factors_fn(posterior.mean_model())``
     at the current mean (:meth:`.families.PosteriorFamily.refresh`; the kfac family moves to the
@@ -235,6 +255,10 @@ def optimize_posterior(
         raise KfacboundError(f"unknown objective {objective!r}; choose from {OBJECTIVES}")
     if surrogate not in SURROGATES:
         raise KfacboundError(f"unknown surrogate {surrogate!r}; choose from {SURROGATES}")
+    if optimizer not in OPTIMIZERS:
+        raise KfacboundError(f"unknown optimizer {optimizer!r}; choose from {OPTIMIZERS}")
+    if schedule not in LR_SCHEDULES:
+        raise KfacboundError(f"unknown schedule {schedule!r}; choose from {LR_SCHEDULES}")
     n = len(X) if n is None else int(n)
     gen = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
@@ -247,8 +271,8 @@ def optimize_posterior(
     groups = [{"params": others, "lr": lr}]
     if train_mean:
         groups.append({"params": means, "lr": lr if mean_lr is None else mean_lr})
-    opt = torch.optim.RMSprop(groups, lr=lr)
-    decay_step = lr_decay_step(lr_decay, iterations)
+    opt = (torch.optim.RMSprop if optimizer == "rmsprop" else torch.optim.Adam)(groups, lr=lr)
+    base_lrs = [group["lr"] for group in opt.param_groups]
     family = posterior_family(posterior.kind) if basis_every and factors_fn is not None else None
     refresh = family.refresh if family is not None and family.refreshes else None
     log = TrainLog()
@@ -256,9 +280,9 @@ def optimize_posterior(
     bar = progress_bar(iterations, "posterior", progress, "step", range(iterations), leave=False)
     running = None
     for step in bar:
-        if step == decay_step:
-            for group in opt.param_groups:
-                group["lr"] *= float(lr_decay[1])
+        scale = lr_factor(step, iterations, schedule, lr_decay)
+        for group, base in zip(opt.param_groups, base_lrs, strict=True):
+            group["lr"] = base * scale
         if refresh is not None and step > 0 and step % basis_every == 0:
             refresh(posterior, factors_fn(posterior.mean_model()))
         idx = torch.randint(0, len(X), (batch_size,), generator=gen)

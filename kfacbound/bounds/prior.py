@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..curvature.layout import curvature_layers, layer_matrix
 from ..errors import KfacboundError
@@ -144,14 +145,32 @@ def _index_hash(idx: torch.Tensor) -> str:
     return hashlib.sha256(idx.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
+def _input_dropout(model: nn.Module, p: float) -> list[torch.utils.hooks.RemovableHandle]:
+    """Dropout with rate p on the input of every curvature layer but the first (in module
+    order), in training mode only: PBB's prior networks have dropout after each hidden layer;
+    on the layer inputs it is architecture-agnostic. Returns the hook handles."""
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return (F.dropout(args[0], p, module.training), *args[1:])
+
+    return [module.register_forward_pre_hook(hook)
+            for _path, module in curvature_layers(model)[1:]]
+
+
 def train_prior_mean(init_model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss: str,
                      epochs: int = 1, lr: float = 0.01, momentum: float = 0.9,
                      batch_size: int = 100, seed: int = 0, device: str | torch.device = "cpu",
-                     progress: bool = True) -> nn.Module:
-    """A data-dependent prior mean: SGD from w0 on the prior split only (D&R's SGD settings)."""
+                     progress: bool = True, dropout: float = 0.0) -> nn.Module:
+    """A data-dependent prior mean: SGD from w0 on the prior split only (D&R's SGD settings).
+
+    ``dropout`` p > 0: inverted dropout (rate p) on the input of every curvature layer after the
+    first during this training, as PBB train their priors (Pérez-Ortiz et al. 2021, dropout
+    0.2); the returned network has no dropout (hooks removed)."""
+    if not 0.0 <= dropout < 1.0:
+        raise KfacboundError(f"--prior-dropout must lie in [0, 1), got {dropout}")
     model = copy.deepcopy(init_model).to(device).train()
     crit = make_loss(loss)
     T = prepare_targets(loss, y, num_outputs(model, X))
+    hooks = _input_dropout(model, dropout) if dropout > 0 else []
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(int(seed) + 7)
     steps = epochs * math.ceil(len(X) / batch_size)
@@ -165,6 +184,8 @@ def train_prior_mean(init_model: nn.Module, X: torch.Tensor, y: torch.Tensor, lo
         opt.zero_grad()
         loss_v.backward()
         opt.step()
+    for handle in hooks:
+        handle.remove()
     return model.eval()
 
 
@@ -251,7 +272,8 @@ def prior_data(inputs: CertifyInputs, config: CertifyConfig) -> PriorData:
         net = inputs.prior_net if inputs.prior_net is not None else center
         center = train_prior_mean(net, Xp, yp, inputs.loss, epochs=config.prior_epochs,
                                   seed=config.seed, device=config.device,
-                                  progress=config.progress).cpu()
+                                  progress=config.progress,
+                                  dropout=config.prior_dropout).cpu()
         if has_batchnorm(center):  # eval-mode BN with the prior split's running statistics
             center = fold_batchnorm(center)
         if pbb:
@@ -260,12 +282,14 @@ def prior_data(inputs: CertifyInputs, config: CertifyConfig) -> PriorData:
             X_post, y_post = X, y
         record.update(
             center="data-dependent", prior_n=len(Xp), prior_epochs=config.prior_epochs,
+            prior_dropout=config.prior_dropout,
             scheme=config.prior_scheme, prior_indices_sha256=_index_hash(idx_p),
             bound_indices_sha256=_index_hash(idx_b),
         )
     record["data"] = {
         "prior_mean": (f"prior split only ({record['prior_n']} examples, "
                        f"{config.prior_epochs} epochs SGD from w0"
+                       + (f", dropout {config.prior_dropout:g}" if config.prior_dropout else "")
                        + (", trained with its BatchNorm layers, then folded"
                           if inputs.batchnorm else "") + ")"
                        if config.prior_split is not None

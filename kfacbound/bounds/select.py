@@ -67,8 +67,9 @@ class Selection:
 
 #: Options of certify_checkpoint that change the prior P or the bound set: candidates that differ
 #: in one of them (or use a data-dependent prior at all) do not share a prior.
-PRIOR_KEYS = ("prior_split", "prior_epochs", "prior_scheme", "prior_kind", "c", "b", "init_model",
-              "dataset", "formula")  # another formula is another PAC-Bayes inequality (event)
+PRIOR_KEYS = ("prior_split", "prior_epochs", "prior_dropout", "prior_scheme", "prior_kind", "c",
+              "b", "init_model", "dataset",
+              "formula")  # another formula is another PAC-Bayes inequality (event)
 
 
 def shares_prior(common: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]) -> bool:

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ..batch.executors import EXECUTORS
-from ..batch.records import RESULTS, latest_records
+from ..batch.records import RESULTS, latest_records, mark_stale
 from ..batch.report import write_report
 from ..batch.runner import run_batch
 from ..batch.spec import load_spec
+
+
+def parse_where(text: str) -> dict[str, Any]:
+    """'a.b=1,c="x"' → {'a.b': 1, 'c': 'x'}: values are JSON, else plain strings."""
+    where: dict[str, Any] = {}
+    for part in (p for p in text.split(",") if p.strip()):
+        if "=" not in part:
+            raise click.BadParameter(f"{part!r} is not PATH=VALUE", param_hint="--mark-stale")
+        path, value = (s.strip() for s in part.split("=", 1))
+        try:
+            where[path] = json.loads(value)
+        except json.JSONDecodeError:
+            where[path] = value
+    return where
 
 
 @click.command("batch")
@@ -34,11 +50,17 @@ from ..batch.spec import load_spec
 @click.option("--report-only", is_flag=True,
               help="Rewrite OUT/summary.csv and OUT/report.md from the records so far (e.g. "
                    "of an interrupted run); run nothing.")
+@click.option("--mark-stale", "stale", multiple=True, metavar="PATH=VALUE[,PATH=VALUE...]",
+              help="Before running, retract the finished results whose job config matches "
+                   "every PATH=VALUE (dotted config paths, JSON values), e.g. "
+                   "'kind=\"bound\",bn=true,options.prior_split=0.5', so that they run again; "
+                   "needs --reason. Repeat for several filters.")
+@click.option("--reason", default="", help="Why the --mark-stale results are wrong (recorded).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar over jobs on stderr.")
 def command(spec: str, out: str, workers: int, executor: str, threads: int | None,
             ray_address: str | None, retry_failed: bool, dry_run: bool, report_only: bool,
-            progress: bool) -> None:
+            stale: tuple[str, ...], reason: str, progress: bool) -> None:
     """Run the grid described by the TOML file SPEC, resumably.
 
     Every finished job appends one JSON record to OUT/results.jsonl; a rerun of the same spec
@@ -50,6 +72,10 @@ def command(spec: str, out: str, workers: int, executor: str, threads: int | Non
     Example: kfacbound batch scripts/specs/smoke.toml --out smoke-out --workers 2
     """
     batch = load_spec(spec)
+    if stale and not dry_run:
+        for text in stale:
+            keys = mark_stale(Path(out) / RESULTS, parse_where(text), reason)
+            click.echo(f"marked {len(keys)} finished result(s) stale: {text}", err=True)
     if report_only:
         click.echo(f"report: {write_report(out)}", err=True)
         return

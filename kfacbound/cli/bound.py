@@ -18,13 +18,15 @@ from ..bounds.config import (
     DEFAULT_LR,
     DEFAULT_LR_DECAY,
     DEFAULT_MEAN_LR,
+    DEFAULT_OPTIMIZER,
+    DEFAULT_SCHEDULE,
     RECIPES,
     CertifyConfig,
     apply_recipe,
 )
 from ..bounds.families import family_help, family_names
 from ..bounds.gather import CURVATURES
-from ..bounds.optimize import OBJECTIVES, SURROGATES
+from ..bounds.optimize import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, SURROGATES
 from ..bounds.pacbayes import FORMULAS, GRID_B, GRID_C
 from ..bounds.prior import DEFAULT_PRIOR_EPOCHS, PRIOR_KINDS, PRIOR_SCHEMES
 from ..errors import KfacboundError
@@ -64,6 +66,11 @@ from .common import (
               metavar="FRAC FACTOR",
               help="Multiply all learning rates by FACTOR for the last FRAC of the steps; "
                    "'0 1' keeps them constant (Dziugaite & Roy).")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULT_OPTIMIZER,
+              show_default=True, help="rmsprop (Dziugaite & Roy) or adam.")
+@click.option("--schedule", type=click.Choice(LR_SCHEDULES), default=DEFAULT_SCHEDULE,
+              show_default=True,
+              help="step: --lr-decay; cosine: rates × ½(1 + cos(π t/T)) (--lr-decay unused).")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="pinsker", show_default=True,
               help="pinsker: surrogate + √(B/2) (Dziugaite & Roy; PBB's f_classic); quad: "
                    "PBB's f_quad; lambda: f_λ (Thiemann et al.); kl: kl⁻¹(surrogate, B).")
@@ -90,6 +97,9 @@ from .common import (
               "rest.")
 @click.option("--prior-epochs", type=int, default=DEFAULT_PRIOR_EPOCHS, show_default=True,
               help="SGD epochs of the prior mean on the prior split.")
+@click.option("--prior-dropout", type=float, default=0.0, show_default=True,
+              help="Dropout rate on the inputs of every layer after the first while the prior "
+                   "mean trains (PBB use 0.2); the prior itself has no dropout.")
 @click.option("--prior-scheme", type=click.Choice(PRIOR_SCHEMES), default="pbb",
               show_default=True,
               help="pbb: Q starts at the prior mean and trains on all data (Pérez-Ortiz et al.); "

@@ -4,7 +4,10 @@ Every function takes a symmetric p×p matrix ``A`` as a ``scipy.sparse.linalg.Li
 (e.g. :func:`kfacbound.curvature.operators.hessian_operator`), a NumPy array or a torch tensor.
 
 - :func:`top_eigenpairs`: k extreme eigenpairs by implicitly restarted Lanczos (ARPACK through
-  ``scipy.sparse.linalg.eigsh``), seeded start vector; dense ``eigh`` when k ≥ p − 1.
+  ``scipy.sparse.linalg.eigsh``, ``method='arpack'``) or by one unrestarted Lanczos run with full
+  reorthogonalisation that stops as soon as the wanted Ritz pairs' residuals meet ``tol``
+  (``method='lanczos'``, :func:`lanczos_eigenpairs`: fewer products when the products are
+  what costs, as for Hessians); seeded start vector; dense ``eigh`` when k ≥ p − 1.
 - :func:`hutchinson_trace`: tr(A) ≈ (1/m) Σ_j z_jᵀ A z_j with Rademacher z_j (Hutchinson 1990);
   variance 2(‖A‖_F² − Σ A_ii²)/m. Returns the estimate and its standard error.
 - :func:`slq`: stochastic Lanczos quadrature (Golub & Meurant; Ubaru, Chen & Saad 2017; used for
@@ -63,10 +66,16 @@ def top_eigenpairs(
     maxiter: int | None = None,
     ncv: int | None = None,
     seed: int = 0,
+    method: str = "arpack",
 ) -> tuple[np.ndarray, np.ndarray]:
     """k eigenpairs of symmetric A: ``which`` "LA" largest algebraic (default), "SA" smallest,
     "LM" largest magnitude. Returns (eigenvalues sorted descending (k,), eigenvectors (p, k)).
-    ``tol=0`` means machine precision (ARPACK's convention)."""
+    ``tol=0`` means machine precision (ARPACK's convention). ``method``: 'arpack' (``eigsh``;
+    ``ncv``, ``maxiter`` are its options) or 'lanczos' (:func:`lanczos_eigenpairs`, at most
+    ``maxiter`` products, default min(p, 10 k + 100); ``tol=0`` is read as 1e-12, so give
+    float32 operators an explicit ``tol``)."""
+    if method not in ("arpack", "lanczos"):
+        raise KfacboundError(f"method must be 'arpack' or 'lanczos', not {method!r}")
     op = _as_operator(A)
     p = op.shape[0]
     if not 1 <= k <= p:
@@ -81,11 +90,98 @@ def top_eigenpairs(
         order = {"LA": np.argsort(-evals), "SA": np.argsort(evals),
                  "LM": np.argsort(-np.abs(evals))}[which][:k]
         evals, evecs = evals[order], evecs[:, order]
+    elif method == "lanczos":
+        v0 = np.random.default_rng(seed).standard_normal(p)
+        evals, evecs = lanczos_eigenpairs(A if hasattr(A, "apply_torch") else op, k, which,
+                                          v0=v0, tol=tol if tol > 0 else 1e-12,
+                                          max_steps=maxiter)
     else:
         v0 = np.random.default_rng(seed).standard_normal(p)
         evals, evecs = eigsh(op, k=k, which=which, tol=tol, maxiter=maxiter, ncv=ncv, v0=v0)
     order = np.argsort(-evals)
     return evals[order], evecs[:, order]
+
+
+def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    order = {"LA": np.argsort(-theta), "SA": np.argsort(theta),
+             "LM": np.argsort(-np.abs(theta))}[which]
+    return order[:k]
+
+
+def _torch_products(A) -> tuple[Any, torch.dtype, torch.device]:
+    """(V ↦ A V on torch vectors, dtype, device): a :class:`~kfacbound.curvature.operators.
+    TorchOperator`'s own torch product in its dtype and device (no NumPy round trip), else the
+    ``LinearOperator``'s matvec in float64 on the CPU."""
+    apply = getattr(A, "apply_torch", None)
+    if apply is not None and getattr(A, "problem", None) is not None:
+        problem = A.problem
+
+        def product(v: torch.Tensor) -> torch.Tensor:
+            A.num_products += 1
+            return apply(v)
+        return product, problem.dtype, problem.device
+    op = _as_operator(A)
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(op.matvec(v.numpy()), dtype=np.float64).reshape(-1))
+    return product, torch.float64, torch.device("cpu")
+
+
+def lanczos_eigenpairs(
+    A, k: int, which: str = "LA", *, v0: np.ndarray, tol: float = 1e-8,
+    max_steps: int | None = None, guard: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k extreme eigenpairs by Lanczos with full reorthogonalisation, no restarts.
+
+    After step j ≥ k + g the tridiagonal T_j = S diag(θ) Sᵀ gives Ritz pairs (θ_i, Q_j s_i)
+    with residual ‖A Q_j s_i − θ_i Q_j s_i‖ = β_j |s_{j,i}| (Paige); the run stops at the
+    first step where each of the k + g wanted-end Ritz values has β_j |s_{j,i}| ≤ tol · |θ_i|
+    (ARPACK's criterion), so each returned θ_i lies within tol·|θ_i| of an eigenvalue of A (and,
+    for a gap γ to the rest of the spectrum, within (tol·θ_i)²/γ). The g = ``guard`` extra
+    Ritz values (default ⌈k/4⌉) must converge too: Ritz values approach the spectrum's end from
+    inside, and a k-th Ritz value with a small residual can sit on a lower eigenvalue while a
+    higher one is still unfound; the guards make that less likely, not impossible (as for any
+    Krylov method, an eigenvector orthogonal to v0 or a repeated eigenvalue's copy is missed).
+
+    One product per step, at most ``max_steps`` (default min(p, 10k + 100)). For a
+    :class:`~kfacbound.curvature.operators.TorchOperator` the vectors and the Krylov basis
+    (steps × p) stay torch tensors in the operator's dtype and device (float32 operators
+    orthogonalise in float32, twice per step: Kahan–Parlett); other operators run in float64.
+    Returns (eigenvalues (k,), eigenvectors (p, k)) in ``which``'s order, as NumPy float64."""
+    product, dtype, device = _torch_products(A)
+    p = A.shape[0]
+    m = min(p, max_steps if max_steps is not None else 10 * k + 100)
+    g = max(1, math.ceil(k / 4)) if guard is None else int(guard)
+    want = min(k + g, m)
+    if not 1 <= k <= m:
+        raise KfacboundError(f"k must be between 1 and the number of steps {m}, not {k}")
+    Qt = torch.empty(min(m, 2 * want + 10), p, dtype=dtype, device=device)  # grown when needed
+    alpha, beta = np.zeros(m), np.zeros(m)
+    q = torch.as_tensor(np.asarray(v0, dtype=np.float64).reshape(-1)).to(device, dtype)
+    q = q / torch.linalg.vector_norm(q)
+    for j in range(m):
+        if j == Qt.shape[0]:
+            grow = torch.empty(min(m, 2 * j) - j, p, dtype=dtype, device=device)
+            Qt = torch.cat([Qt, grow])
+        Qt[j] = q
+        w = product(q).reshape(-1).to(dtype)
+        alpha[j] = float(q @ w)
+        basis = Qt[:j + 1]
+        for _ in range(2):  # twice is enough (Kahan–Parlett)
+            w = w - basis.T @ (basis @ w)
+        beta[j] = float(torch.linalg.vector_norm(w))
+        steps = j + 1
+        if steps >= want or steps == m:
+            theta, S = scipy.linalg.eigh_tridiagonal(alpha[:steps], beta[:steps - 1])
+            idx = _wanted(theta, want, which)
+            resid = beta[j] * np.abs(S[-1, idx])
+            exhausted = beta[j] <= 1e-12 * max(np.abs(theta).max(), 1e-300)
+            if exhausted or steps == m or np.all(resid <= tol * np.abs(theta[idx])):
+                idx = idx[:k]
+                vecs = basis.T.to(torch.float64) @ torch.as_tensor(S[:, idx])
+                return theta[idx], vecs.cpu().numpy()
+        q = w / beta[j]
+    raise AssertionError("unreachable")
 
 
 def hutchinson_trace(
