@@ -146,7 +146,9 @@ def lanczos_eigenpairs(
     One product per step, at most ``max_steps`` (default min(p, 10k + 100)). For a
     :class:`~kfacbound.curvature.operators.TorchOperator` the vectors and the Krylov basis
     (steps × p) stay torch tensors in the operator's dtype and device (float32 operators
-    orthogonalise in float32, twice per step: Kahan–Parlett); other operators run in float64.
+    orthogonalise in float32); other operators run in float64. After the three-term step, full
+    reorthogonalisation by classical Gram–Schmidt, repeated once when it cancels the norm below
+    0.7 of its value (the DGKS test: twice is enough, Kahan–Parlett).
     Returns (eigenvalues (k,), eigenvectors (p, k)) in ``which``'s order, as NumPy float64."""
     product, dtype, device = _torch_products(A)
     p = A.shape[0]
@@ -167,9 +169,14 @@ def lanczos_eigenpairs(
         w = product(q).reshape(-1).to(dtype)
         alpha[j] = float(q @ w)
         basis = Qt[:j + 1]
-        for _ in range(2):  # twice is enough (Kahan–Parlett)
+        w = w - alpha[j] * q - (beta[j - 1] * Qt[j - 1] if j > 0 else 0.0)  # three-term step
+        before = torch.linalg.vector_norm(w)
+        w = w - basis.T @ (basis @ w)
+        norm = torch.linalg.vector_norm(w)
+        if norm < 0.7 * before:  # cancellation: a second pass (DGKS test; twice is enough)
             w = w - basis.T @ (basis @ w)
-        beta[j] = float(torch.linalg.vector_norm(w))
+            norm = torch.linalg.vector_norm(w)
+        beta[j] = float(norm)
         steps = j + 1
         if steps >= want or steps == m:
             theta, S = scipy.linalg.eigh_tridiagonal(alpha[:steps], beta[:steps - 1])
