@@ -213,6 +213,10 @@ posterior = ["diag", "kfac"]
                 assert opts[key] == val, key
     with pytest.raises(KfacboundError, match="unknown recipe"):
         parse_spec(text.replace('"best"', '"fastest"'))
+    # without a posterior, "best" selects among its posteriors (one job, a list)
+    (job,) = [j.config for j in parse_spec(text.split("[analyses.grid]")[0]).jobs
+              if j.kind == "bound"]
+    assert job["options"]["posterior"] == ["diag", "kfac"]
 
 
 # ---------------------------------------------------------------------------- records

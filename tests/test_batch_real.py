@@ -36,6 +36,12 @@ kind = "bound"
 iterations = 10
 mc_passes = 1
 [[analyses]]
+kind = "bound"
+recipe = "best"
+prior_epochs = 1
+iterations = 5
+mc_passes = 1
+[[analyses]]
 kind = "structure"
 k = 3
 max_examples = 60
@@ -119,7 +125,12 @@ def test_bound_record_matches_certificate(finished):
         assert res["bound"] == pytest.approx(recompute_certificate(cert), rel=1e-9)
         assert (res["kl"], res["snn_train_error"], res["n"]) == (
             cert["kl"], cert["mc_error"], cert["n"])
-        assert cert["n"] == 120 and 0 < res["bound"] <= 1
+        split = job.config["options"]["prior_split"]
+        assert cert["n"] == (120 if split is None else 60) and 0 < res["bound"] <= 1
+        if isinstance(job.config["options"]["posterior"], list):  # recipe best: a selection
+            sel = cert["selection"]
+            assert sel["m"] == 2 and res["posterior"] in ("diag", "kfac")
+            assert res["bound"] == min(c["bound"] for c in sel["candidates"])
 
 
 def test_structure_record_matches_report(finished):
@@ -149,7 +160,9 @@ def test_spectra_and_compare_on_real_batch(finished, tmp_path):
         for row in full["rows"]:
             assert res["layers"][row["layer"]]["top_eigenvalue"] == row["top"]
     report = compare_batch(out, tmp_path / "r").read_text()
-    assert "| digits | fc-4 | fc1 |" in report and "| digits | fc-4 | - | mean |" in report
+    assert "| digits | fc-4 | fc1 |" in report
+    # two bound analyses (the plain one and recipe best): one mean row per variant
+    assert report.count("| digits | fc-4 | ") >= 2 and report.count(" | mean |") >= 2
 
 
 def test_study_page_aggregates_the_records(finished, tmp_path):
@@ -163,16 +176,20 @@ def test_study_page_aggregates_the_records(finished, tmp_path):
                     "4. Dissecting-Hessian claims", "5. Cost"):
         assert section in text
     data = json.loads((tmp_path / "study" / "study.json").read_text())
-    recs = [r for r in latest_records(out / "results.jsonl").values() if r["kind"] == "bound"]
+    recs = [r for r in latest_records(out / "results.jsonl").values() if r["kind"] == "bound"
+            and r["config"]["options"]["prior_split"] is None]  # the data-free analysis
     for bn, side in ((False, "no BN"), (True, "BN")):
         mine = [r["result"] for r in recs if r["config"]["bn"] == bn]
         vals = [x["bound"] for x in mine]
-        row = next(r for r in data["bounds"] if r["BN"] == side)
+        row = next(r for r in data["bounds"] if r["BN"] == side
+                   and r["prior"] == "data-free (w0)")
         assert row["seeds"] == len(vals) == 2
         m, sd = np.mean(vals), np.std(vals, ddof=1)
         assert row["bound"] == f"{m:.3g} ± {sd:.2g} (n=2)"
         for x in mine:  # the per-layer KLs of a record add up to its KL
             assert sum(v["kl"] for v in x["layers"].values()) == pytest.approx(x["kl"], rel=1e-9)
+    best = [r for r in data["bounds"] if r["posterior"] == "tighter of diag / kfac"]
+    assert {r["prior"] for r in best} == {"learnt (0.5, pbb)"} and len(best) == 2
     claims = {r["claim"] for r in data["claims"]}
     assert {"overlap", "rank1", "alignment", "outliers", "kfac", "bn_overlap"} <= claims
     assert (tmp_path / "study" / "study_overlap.png").exists()

@@ -218,10 +218,17 @@ def test_cli_bound_writes_certificate(tmp_path):
                                     "--no-progress", "-o", str(out)])
     assert res.exit_code == 0, res.output
     cert = json.loads(out.read_text())
-    assert "recipe best: posterior=diag, prior_split=0.5" in res.output
+    assert "recipe best: " in res.output and "prior_split=0.5" in res.output
+    assert "posterior=the tighter of diag, kfac (union bound)" in res.output
     assert cert["recipe"]["chosen"]["prior_split"] == 0.5
     assert "prior_epochs" not in cert["recipe"]["chosen"]
-    assert cert["posterior"] == "diag" and cert["prior"]["prior_epochs"] == 2
+    # both posteriors certified at δ/2, δ′/2 each; the tighter is the certificate
+    sel = cert["selection"]
+    assert sel["m"] == 2 and [c["options"]["posterior"] for c in sel["candidates"]] == [
+        "diag", "kfac"]
+    assert cert["bound"] == min(c["bound"] for c in sel["candidates"])
+    assert cert["posterior"] == sel["candidates"][sel["chosen"]]["options"]["posterior"]
+    assert cert["prior"]["prior_epochs"] == 2
     assert cert["n"] == 100 and cert["prior"]["prior_n"] == 100
     assert cf.recompute_certificate(cert) == pytest.approx(cert["bound"], abs=1e-12)
 

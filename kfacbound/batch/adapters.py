@@ -106,8 +106,15 @@ def bound(config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     (path,) = needed_checkpoints(config, out_dir)
     dataset = config.get("dataset") or None
     options = get_job_kind("bound").call_options(config["options"])
-    cert = certify_checkpoint(str(path), dataset, progress=False, seed=int(config["seed"]),
-                              **options)
+    if isinstance(options.get("posterior"), list):  # a recipe's selection (expand_recipe)
+        from ..bounds.certify import certify_best
+
+        common = {k: v for k, v in options.items() if k not in ("posterior", "selection")}
+        cert = certify_best(str(path), dataset, [{"posterior": p} for p in options["posterior"]],
+                            progress=False, seed=int(config["seed"]), **common)
+    else:
+        cert = certify_checkpoint(str(path), dataset, progress=False, seed=int(config["seed"]),
+                                  **options)
     cert_path = artifact_path(out_dir, job_key(config), ".cert.json")
     _write_json(cert_path, cert)
     return bound_summary(cert, artifact=str(cert_path.relative_to(out_dir)))

@@ -123,7 +123,9 @@ def _prior(options: dict[str, Any]) -> str:
 
 def _variant(r: dict[str, Any]) -> tuple[str, str]:
     options = r["config"]["options"]
-    return str(options.get("posterior")), _prior(options)
+    post = options.get("posterior")
+    name = f"tighter of {' / '.join(map(str, post))}" if isinstance(post, list) else str(post)
+    return name, _prior(options)
 
 
 def bound_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
