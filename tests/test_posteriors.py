@@ -299,3 +299,37 @@ def test_repeated_draws_have_the_law_of_independent_networks(kind):
     r_pass = torch.corrcoef(torch.stack([o[0::2].reshape(-1), o[1::2].reshape(-1)]))[0, 1]
     r_ex = torch.corrcoef(torch.stack([o[:, 0::2].reshape(-1), o[:, 1::2].reshape(-1)]))[0, 1]
     assert abs(float(r_pass)) < 0.03 and abs(float(r_ex)) < 0.03
+
+
+def test_cached_first_layer_statistics_give_the_same_draws_and_training():
+    """forward_cached with first_noise_inputs (U_Aᵀã)², computed once, against forward: the
+    same outputs under the same RNG state (the first layer's statistics computed here by hand,
+    densely), and optimize_posterior with and without the cache ends at the same posterior."""
+    from kfacbound.bounds.optimize import optimize_posterior
+
+    gen = torch.Generator().manual_seed(5)
+    model = small_mlp(0, widths=(6, 4), d=5, out=3)
+    Q = build("kfac", model, gen, std_init=0.2)
+    x = torch.randn(50, 5, generator=gen, dtype=D)
+    r = Q.first_noise_inputs(x, chunk=7)
+    U_A = Q.blocks["fc1"].U_A
+    a1 = torch.cat([x, torch.ones(50, 1, dtype=D)], 1)
+    torch.testing.assert_close(r, (a1 @ U_A) ** 2)
+    torch.manual_seed(3)
+    ref = Q(x, sample=True, per_example=True)
+    torch.manual_seed(3)
+    got = Q.forward_cached(x, r)
+    torch.testing.assert_close(got, ref)
+    # the diagonal posterior has nothing worth caching
+    assert build("diag", model, gen).first_noise_inputs(x) is None
+    # training: same parameters after a few steps
+    y = torch.randint(0, 3, (50,), generator=gen)
+    runs = []
+    for cache in (False, True):
+        Qc = build("kfac", model, torch.Generator().manual_seed(5), std_init=0.2)
+        P = build_prior(Qc, model)
+        optimize_posterior(Qc, P, x, y, iterations=5, batch_size=16, lr=1e-2, progress=False,
+                           cache_first_layer=cache)
+        runs.append([p.detach().clone() for p in Qc.parameters()])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b)

@@ -236,6 +236,7 @@ def optimize_posterior(
     seed: int = 0,
     progress: bool = True,
     log_every: int = 100,
+    cache_first_layer: bool | None = None,
 ) -> TrainLog:
     """Minimise the objective over (M, log-std, log λ); returns the history.
 
@@ -250,6 +251,10 @@ def optimize_posterior(
     The progress bar shows the smoothed surrogate (bits), the KL, λ and a running bound
     estimate min(1, surrogate + √(B/2)) — a pessimistic proxy, since the surrogate upper-bounds
     the 0-1 loss; the certified value comes from :mod:`kfacbound.bounds.certify`.
+    ``cache_first_layer`` (default: whenever it applies): compute the first linear layer's
+    rotated input statistics (U_Aᵀã)² once for all of X (:meth:`.posteriors.GaussianPosterior.
+    first_noise_inputs`, at most 1 GiB) instead of at every step; the same law and draws. Not
+    with a basis refresh (the rotation changes).
     """
     if objective not in OBJECTIVES:
         raise KfacboundError(f"unknown objective {objective!r}; choose from {OBJECTIVES}")
@@ -275,6 +280,9 @@ def optimize_posterior(
     base_lrs = [group["lr"] for group in opt.param_groups]
     family = posterior_family(posterior.kind) if basis_every and factors_fn is not None else None
     refresh = family.refresh if family is not None and family.refreshes else None
+    cache = None
+    if cache_first_layer is not False and refresh is None:
+        cache = posterior.first_noise_inputs(X)
     log = TrainLog()
     posterior.train()
     bar = progress_bar(iterations, "posterior", progress, "step", range(iterations), leave=False)
@@ -287,7 +295,10 @@ def optimize_posterior(
             refresh(posterior, factors_fn(posterior.mean_model()))
         idx = torch.randint(0, len(X), (batch_size,), generator=gen)
         xb, yb = X[idx].to(device), y[idx].to(device)
-        logits = posterior(xb, sample=True, per_example=False)
+        if cache is not None:
+            logits = posterior.forward_cached(xb, cache[idx].to(device), per_example=False)
+        else:
+            logits = posterior(xb, sample=True, per_example=False)
         kl = posterior_kl(posterior, prior)
         B = objective_complexity(kl, prior, n, delta, formula)
         if surrogate == "bounded-ce":

@@ -121,11 +121,25 @@ class LayerPosterior(nn.Module):
         noise = self.sample_noise(a1.shape[0])
         return torch.einsum("boi,bi->bo", noise, a1)
 
+    #: Whether :meth:`noise_inputs` costs enough (a rotation) to be worth caching per example
+    #: while the layer's input is fixed (the first layer during optimisation).
+    caches_noise_inputs = False
+
+    def noise_inputs(self, a1: torch.Tensor) -> torch.Tensor | None:
+        """For layers whose noise scales are s = √(r Vᵀ) with per-row statistics r of ã that do
+        not depend on the trained parameters (V = S² does): r (B × in1), else ``None``."""
+        return None
+
+    def scale_from_inputs(self, r: torch.Tensor) -> torch.Tensor:
+        """s = √(Σ_j S_oj² r_j) per row of r = :meth:`noise_inputs` (differentiable in S)."""
+        return torch.sqrt(F.linear(r, torch.exp(2 * self.log_std_used())))
+
     def noise_scale(self, a1: torch.Tensor) -> torch.Tensor | None:
         """For layers whose (W̃ − M) ã given ã is T (s ∘ ε), ε ~ N(0, I), with a fixed matrix T:
         the per-row scales s (B × out), else ``None``. s depends on ã only, so repeated draws for
         the same inputs (Monte-Carlo passes over a fixed first layer input) reuse it."""
-        return None
+        r = self.noise_inputs(a1)
+        return None if r is None else self.scale_from_inputs(r)
 
     def noise_from_scale(self, scale: torch.Tensor) -> torch.Tensor:
         """One draw of T (s ∘ ε) per row of ``scale`` (see :meth:`noise_scale`)."""
@@ -187,9 +201,9 @@ class DiagLayer(LayerPosterior):
         std = torch.exp(self.log_std_used())
         return std * torch.randn(num, *std.shape, dtype=std.dtype, device=std.device)
 
-    def noise_scale(self, a1: torch.Tensor) -> torch.Tensor:
-        """s_o = √(Σ_i σ_oi² ã_i²); T = I."""
-        return torch.sqrt(F.linear(a1 * a1, torch.exp(2 * self.log_std_used())))
+    def noise_inputs(self, a1: torch.Tensor) -> torch.Tensor:
+        """r = ã² (then s_o = √(Σ_i σ_oi² ã_i²)); T = I."""
+        return a1 * a1
 
     def noise_from_scale(self, scale: torch.Tensor) -> torch.Tensor:
         return scale * torch.randn_like(scale)
@@ -272,10 +286,12 @@ class KronEigenLayer(LayerPosterior):
         Z = torch.randn(num, *S.shape, dtype=S.dtype, device=S.device)
         return self.U_G @ (S * Z) @ self.U_A.T
 
-    def noise_scale(self, a1: torch.Tensor) -> torch.Tensor:
-        """s_o = √(Σ_j S_oj² ã_rot,j²) with ã_rot = U_Aᵀ ã; T = U_G."""
+    caches_noise_inputs = True
+
+    def noise_inputs(self, a1: torch.Tensor) -> torch.Tensor:
+        """r = ã_rot² with ã_rot = U_Aᵀ ã (then s_o = √(Σ_j S_oj² ã_rot,j²)); T = U_G."""
         a_rot = a1 @ self.U_A  # rows: U_Aᵀ ã
-        return torch.sqrt(F.linear(a_rot * a_rot, torch.exp(2 * self.log_std_used())))
+        return a_rot * a_rot
 
     def noise_from_scale(self, scale: torch.Tensor) -> torch.Tensor:
         return (scale * torch.randn_like(scale)) @ self.U_G.T
@@ -494,6 +510,51 @@ class GaussianPosterior(nn.Module):
                 return None
         return None
 
+    def _first_layer_input(self, x: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input of the shortcut layer ``first``, its rows ã with the bias column)."""
+        for child in list(self.net._modules.values())[:first]:
+            x = child(x)
+        layer = self.net[first].layer
+        return x, torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if layer.has_bias else x
+
+    def _rest(self, first: int, h: torch.Tensor) -> torch.Tensor:
+        for child in list(self.net._modules.values())[first + 1:]:
+            h = child(h)
+        return h
+
+    @torch.no_grad()
+    def first_noise_inputs(self, X: torch.Tensor, chunk: int = 4096,
+                           max_bytes: int = 1 << 30) -> torch.Tensor | None:
+        """The first layer's per-example noise statistics r = :meth:`LayerPosterior.noise_inputs`
+        of its input for every row of X (n × in1, on X's device), for :meth:`forward_cached`;
+        None when there is no linear first layer with noise statistics worth caching
+        (``caches_noise_inputs``: the Kronecker rotation U_Aᵀã) or they would exceed
+        ``max_bytes``. Valid while the layer's basis does not change."""
+        first = self._shortcut_layer()
+        if first is None or not self.net[first].layer.caches_noise_inputs:
+            return None
+        layer = self.net[first].layer
+        if len(X) * layer.in1 * layer.mean.element_size() > max_bytes:
+            return None
+        device = layer.mean.device
+        rows = [layer.noise_inputs(self._first_layer_input(X[i:i + chunk].to(device), first)[1])
+                .to(X.device) for i in range(0, len(X), chunk)]
+        return torch.cat(rows)
+
+    def forward_cached(self, x: torch.Tensor, noise_inputs: torch.Tensor,
+                       per_example: bool = True) -> torch.Tensor:
+        """``forward(x, per_example=per_example)`` with the first layer's noise statistics given
+        (the rows of :meth:`first_noise_inputs` for x): the same law, and the same draws in the
+        same order, without recomputing U_Aᵀã; later layers sample as usual."""
+        first = self._shortcut_layer()
+        if first is None:
+            raise KfacboundError("forward_cached needs a linear first layer (see "
+                                 "first_noise_inputs)")
+        layer = self.net[first].layer
+        h, _ = self._first_layer_input(x, first)
+        h = layer(h, sample=False) + layer.noise_from_scale(layer.scale_from_inputs(noise_inputs))
+        return self._run(h, lambda z: self._rest(first, z), True, per_example)
+
     @torch.no_grad()
     def forward_repeated(self, x: torch.Tensor, passes: int) -> torch.Tensor:
         """Outputs of ``passes`` independent networks from Q for every example: (passes, B, …).
@@ -510,22 +571,14 @@ class GaussianPosterior(nn.Module):
         first = self._shortcut_layer()
         if first is not None:
             children = list(self.net._modules.values())
-            for child in children[:first]:
-                x = child(x)
+            x, a1 = self._first_layer_input(x, first)
             layer = children[first].layer
-            a1 = torch.cat([x, x.new_ones(B, 1)], dim=1) if layer.has_bias else x
             scale = layer.noise_scale(a1)
             if scale is not None:
                 z = layer(x, sample=False)
                 reps = scale.unsqueeze(0).expand(passes, *scale.shape).reshape(passes * B, -1)
                 h = z.repeat(passes, 1) + layer.noise_from_scale(reps)
-
-                def rest(h: torch.Tensor) -> torch.Tensor:
-                    for child in children[first + 1:]:
-                        h = child(h)
-                    return h
-
-                out = self._run(h, rest, True, True)
+                out = self._run(h, lambda z: self._rest(first, z), True, True)
                 return out.reshape(passes, B, *out.shape[1:])
             net: nn.Module = nn.Sequential(*children[first:])  # exact layer: repeat its input
         else:
