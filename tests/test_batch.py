@@ -560,6 +560,10 @@ def test_the_bn_study_keeps_its_job_keys():
     assert len(spec.jobs) == 84  # 18 trainings, 54 bounds, 12 structure jobs
     assert keys[("train", "mlp-600", False, 0, None, None)].startswith("1889ff8d889e0cf2")
     assert keys[("bound", "mlp-600", False, 0, "diag", None)].startswith("8b65e0328969cd9c")
+    free = [j.key for j in spec.jobs if j.kind == "bound" and j.config["seed"] == 0
+            and j.config["label"]["arch"] == "mlp-600" and not j.config["bn"]
+            and j.config["options"]["prior_split"] is None]
+    assert free == ["e3c58e197d9c2d0e1a1e986ff0937dba6b35beef2d6ae33445d44d9b29cc6330"]
     assert keys[("structure", "mlp-600", False, None, None, 2000)].startswith("176a3abb383aff63")
     assert keys[("structure", "mlp-600", False, None, None, 8000)].startswith("9e6fe5cf19aa2ca5")
 
@@ -640,10 +644,12 @@ kind = "bound"
         return next(j for j in jobs if j.kind == "bound").config["options"]
 
     plain = bound_options("")
-    assert not {"optimizer", "schedule", "prior_dropout"} & set(plain)
-    assert bound_options('optimizer = "rmsprop"\nschedule = "step"\nprior_dropout = 0.0') == plain
-    adam = bound_options('optimizer = "adam"\nprior_dropout = 0.2')
-    assert adam["optimizer"] == "adam" and adam["prior_dropout"] == 0.2
-    call = get_job_kind("bound").call_options(plain)
+    assert not {"optimizer", "schedule"} & set(plain)
+    assert plain["prior_dropout"] == 0.2  # today's default differs from the old behaviour
+    old = bound_options('optimizer = "rmsprop"\nschedule = "step"\nprior_dropout = 0.0')
+    assert old == {k: v for k, v in plain.items() if k != "prior_dropout"}
+    adam = bound_options('optimizer = "adam"')
+    assert adam["optimizer"] == "adam"
+    call = get_job_kind("bound").call_options(old)  # absent: the old behaviour, not the default
     assert call["optimizer"] == "rmsprop" and call["schedule"] == "step"
     assert call["prior_dropout"] == 0.0

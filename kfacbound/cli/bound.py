@@ -29,7 +29,7 @@ from ..bounds.families import family_help, family_names
 from ..bounds.gather import CURVATURES
 from ..bounds.optimize import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, SURROGATES
 from ..bounds.pacbayes import FORMULAS, GRID_B, GRID_C
-from ..bounds.prior import DEFAULT_PRIOR_EPOCHS, PRIOR_KINDS, PRIOR_SCHEMES
+from ..bounds.prior import DEFAULT_PRIOR_DROPOUT, DEFAULT_PRIOR_EPOCHS, PRIOR_KINDS, PRIOR_SCHEMES
 from ..errors import KfacboundError
 from .common import (
     dataset_from_options,
@@ -99,9 +99,9 @@ from .common import (
               "rest.")
 @click.option("--prior-epochs", type=int, default=DEFAULT_PRIOR_EPOCHS, show_default=True,
               help="SGD epochs of the prior mean on the prior split.")
-@click.option("--prior-dropout", type=float, default=0.0, show_default=True,
+@click.option("--prior-dropout", type=float, default=DEFAULT_PRIOR_DROPOUT, show_default=True,
               help="Dropout rate on the inputs of every layer after the first while the prior "
-                   "mean trains (PBB use 0.2); the prior itself has no dropout.")
+                   "mean trains (PBB's 0.2); the prior itself has no dropout; 0: none.")
 @click.option("--prior-scheme", type=click.Choice(PRIOR_SCHEMES), default="pbb",
               show_default=True,
               help="pbb: Q starts at the prior mean and trains on all data (Pérez-Ortiz et al.); "
