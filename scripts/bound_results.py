@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"SNN train {cert['mc_error']:.4f} SNN test {cert['test_error_stochastic']:.4f}"
                   f" test {cert['test_error']:.4f} ({cert['time_s']['total']:.0f}s)", flush=True)
             out.write_text(json.dumps(rows, indent=1, default=str) + "\n")
-    out.with_suffix(".md").write_text(table(rows, args) + "\n")
+            out.with_suffix(".md").write_text(table(rows, args) + "\n")  # after every row
     print(table(rows, args))
 
 
@@ -188,7 +188,8 @@ def table(rows: list[dict], args) -> str:
     prior = r0.get("prior") or {}
     opt = r0.get("optimizer") or {}
     prior_text = (f"learnt ({prior.get('scheme', 'pbb')} scheme, split {prior.get('split')}, "
-                  f"{prior.get('prior_epochs')} epochs)" if prior.get("split")
+                  f"{prior.get('prior_epochs')} epochs, dropout {prior.get('prior_dropout', 0.0)})"
+                  if prior.get("split")
                   else "data-free (w0)")
     head = (f"Command: `{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}, device "
             f"{args.device}, torch {torch.__version__}).\n\n"

@@ -9,8 +9,8 @@
 # prior, half the training set), mnist5k_10class, mnist5k_10class_prior, three_posteriors (8×8
 # MNIST-5k, one hidden layer of 100: diagonal, K-FAC and exact-Hessian eigenbasis),
 # fashion_binary_t600_ablation (K-FAC posterior with a 10× slower learning rate for the means);
-# issue 10's best recipe: fashion_binary_best, mnist5k_binary_best, mnist5k_10class_best (10-class
-# Fashion-MNIST with the best recipe, MLP and LeNet-5, 3 seeds: results/bn_study).
+# issue 10's best recipe: fashion_binary_best, mnist5k_binary_best, mnist5k_10class_best,
+# fashion_10class_best (T-600 and LeNet-5; the BatchNorm study, results/bn_study, has MLP and LeNet-5 over 3 seeds).
 # Threads: OMP_NUM_THREADS (default 2). Device: DEVICE (default cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +41,8 @@ table() {
                              --variants diag kfac ;;
     mnist5k_binary_best)   run "$1" --dataset mnist5k --binary --nets T-600 --recipe best \
                              --variants diag kfac ;;
+    fashion_10class_best)  run "$1" --dataset fashion-mnist --nets T-600 lenet5 --recipe best \
+                             --variants diag kfac kfac,prior_kind=curvature ;;
     mnist5k_10class_best)  run "$1" --dataset mnist5k --nets T-600 --recipe best \
                              --variants diag kfac kfac,prior_kind=curvature ;;
     *) echo "unknown table $1" >&2; return 2 ;;
@@ -50,5 +52,5 @@ TABLES=("$@")
 [ ${#TABLES[@]} -gt 0 ] || TABLES=(fashion_binary fashion_binary_random mnist5k_binary
   mnist5k_binary_random fashion_10class fashion_10class_prior mnist5k_10class
   mnist5k_10class_prior three_posteriors fashion_binary_best mnist5k_binary_best
-  mnist5k_10class_best)
+  mnist5k_10class_best fashion_10class_best)
 for t in "${TABLES[@]}"; do table "$t"; done
