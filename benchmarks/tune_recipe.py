@@ -29,7 +29,8 @@ def main() -> None:
     for kw in runs:
         t = time.perf_counter()
         cert = certify_checkpoint(ckpt, None, progress=False, seed=seed, **kw)
-        row = {"checkpoint": ckpt, "kw": kw, "bound": cert["bound"], "kl": cert["kl"], "mc_error": cert["mc_error"],
+        row = {"checkpoint": ckpt, "kw": kw, "bound": cert["bound"], "kl": cert["kl"],
+               "mc_error": cert["mc_error"],
                "n": cert["n"], "test_error_stochastic": cert["test_error_stochastic"],
                "bounded_ce_bound": cert["bounded_ce"]["bound"], "time": cert["time_s"],
                "wall": time.perf_counter() - t}
