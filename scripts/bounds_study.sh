@@ -10,7 +10,8 @@
 # MNIST-5k, one hidden layer of 100: diagonal, K-FAC and exact-Hessian eigenbasis),
 # fashion_binary_t600_ablation (K-FAC posterior with a 10× slower learning rate for the means);
 # issue 10's best recipe: fashion_binary_best, mnist5k_binary_best, mnist5k_10class_best,
-# fashion_10class_best (T-600 and LeNet-5; the BatchNorm study, results/bn_study, has MLP and LeNet-5 over 3 seeds).
+# fashion_10class_best (T-600 and LeNet-5; the BatchNorm study, results/bn_study, has MLP and
+# LeNet-5 over 3 seeds).
 # Threads: OMP_NUM_THREADS (default 2). Device: DEVICE (default cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -209,9 +209,9 @@ DEFAULTS = CertifyConfig()
 #: Named settings of a certificate. "fast": :data:`FAST_OPTIMIZER`. "best": the combination
 #: that gave the tightest 0-1 certificates in our measurements: a learnt prior (half the
 #: training set, PBB scheme, 30 epochs with dropout 0.2: :data:`.prior.DEFAULT_PRIOR_EPOCHS`)
-#: with the fast optimiser settings, and both the diagonal
-#: and the K-FAC posterior (:data:`RECIPE_POSTERIORS`), of which the tighter is kept: which one
-#: wins depends on the network. In the BatchNorm study (results/bn_study, 10-class
+#: with the fast optimiser settings, and both the diagonal and the K-FAC posterior
+#: (:data:`RECIPE_POSTERIORS`), of which the tighter is kept: which one wins depends on the
+#: network. In the BatchNorm study (results/bn_study, 10-class
 #: Fashion-MNIST, 3 seeds) the diagonal posterior won on MLP-600 (0.176–0.187 against
 #: 0.203–0.214 without BN) and K-FAC won on LeNet-5 (0.153–0.161 against 0.182–0.193 without
 #: BN). Before that the recipe used one posterior (K-FAC: 0.2167 on T-600, then diag).

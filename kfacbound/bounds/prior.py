@@ -178,8 +178,8 @@ def train_prior_mean(init_model: nn.Module, X: torch.Tensor, y: torch.Tensor, lo
     model = copy.deepcopy(init_model).to(device).train()
     crit = make_loss(loss)
     T = prepare_targets(loss, y, num_outputs(model, X))
-    drop_gen = torch.Generator(device=torch.device(device)).manual_seed(int(seed) + 11)
-    hooks = _input_dropout(model, dropout, drop_gen) if dropout > 0 else []
+    hooks = (_input_dropout(model, dropout, torch.Generator(device=torch.device(device))
+                            .manual_seed(int(seed) + 11)) if dropout > 0 else [])
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(int(seed) + 7)
     steps = epochs * math.ceil(len(X) / batch_size)
