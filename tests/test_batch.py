@@ -653,3 +653,42 @@ kind = "bound"
     call = get_job_kind("bound").call_options(old)  # absent: the old behaviour, not the default
     assert call["optimizer"] == "rmsprop" and call["schedule"] == "step"
     assert call["prior_dropout"] == 0.0
+
+
+def test_only_runs_the_matching_jobs_and_what_they_need_and_leaves_the_rest(tmp_path):
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text(spec_text("""
+seeds = [0, 1]
+datasets = ["digits"]
+architectures = [{ arch = "fc", widths = [4] }]
+[[analyses]]
+kind = "read1"
+[[analyses]]
+kind = "echo"
+[analyses.grid]
+value = [1, 2]
+"""))
+    jobs = parse_spec(spec_file.read_text()).jobs
+    out = tmp_path / "out"
+    runner = CliRunner()
+    args = ["batch", str(spec_file), "--out", str(out), "--executor", "inline", "--no-progress"]
+    res = runner.invoke(main, [*args, "--only", "kind=read1,seed=1"])
+    assert res.exit_code == 0, res.output
+    ran = {r["key"] for r in read_records(out / "results.jsonl")}
+    # the read1 job of seed 1, and the training of seed 1 it needs: nothing else
+    expected = {j.key for j in jobs if j.config.get("seed") == 1 and j.kind in ("read1", "train")}
+    assert ran == expected and len(expected) == 2
+    assert f"{len(jobs) - 2} left for a later run" in res.output
+    # the batch's keys still cover the whole grid (its report shows what is missing)
+    assert json.loads((out / "batch.json").read_text())["keys"] == [j.key for j in jobs]
+    # dry run: the matching, unfinished jobs run, the others wait
+    res = runner.invoke(main, [*args, "--dry-run", "--only", "kind=echo,options.value=2"])
+    actions = [line.split("-> ")[-1] for line in res.output.splitlines() if "-> " in line]
+    echo2 = [j for j in jobs if j.kind == "echo" and j.config["options"]["value"] == 2]
+    assert echo2 and not any(j.needs for j in echo2)  # echo needs no checkpoint
+    assert actions.count("skip") == 2 and actions.count("run") == len(echo2)
+    assert actions.count("later") == len(jobs) - 2 - len(echo2)
+    res = runner.invoke(main, [*args, "--only", "options.value=7"])
+    assert res.exit_code == 2 and "no job of the spec matches" in res.output
+    assert runner.invoke(main, args).exit_code == 0  # the rest runs later
+    assert set(statuses(out)) == {j.key for j in jobs}

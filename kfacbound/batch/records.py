@@ -145,6 +145,12 @@ def config_value(config: dict[str, Any], path: str) -> Any:
     return value
 
 
+def config_matches(config: dict[str, Any], where: dict[str, Any]) -> bool:
+    """Whether a job config holds every value of ``where`` (dotted path → value,
+    :func:`config_value`)."""
+    return all(config_value(config, k) == v for k, v in where.items())
+
+
 def mark_stale(path: str | Path, where: dict[str, Any], reason: str) -> list[str]:
     """Retract every finished result whose config matches all of ``where`` (dotted path →
     value, :func:`config_value`): append a record with status :data:`STALE`, the reason and the
@@ -158,8 +164,7 @@ def mark_stale(path: str | Path, where: dict[str, Any], reason: str) -> list[str
     marked = []
     for key, record in latest_records(path).items():
         config = record.get("config") or {}
-        if record["status"] != "ok" or any(config_value(config, k) != v
-                                            for k, v in where.items()):
+        if record["status"] != "ok" or not config_matches(config, where):
             continue
         append_record(path, {
             "key": key, "kind": record.get("kind"), "status": STALE, "config": config,

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,15 @@ from .execute import failure_record
 from .execute import set_threads as set_threads
 from .execute import versions as versions
 from .executors import make_executor
-from .records import BATCH_INFO, RESULTS, Job, append_record, latest_records, utc_now
+from .records import (
+    BATCH_INFO,
+    RESULTS,
+    Job,
+    append_record,
+    config_matches,
+    latest_records,
+    utc_now,
+)
 from .records import read_records as read_records
 from .report import write_report
 from .spec import BatchSpec
@@ -100,6 +108,7 @@ class BatchOutcome:
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already ok before this run
     kept_failed: list[str] = field(default_factory=list)  # failed before, not retried
+    deselected: list[str] = field(default_factory=list)  # not finished, outside ``only``
     ran: int = 0
     report: Path | None = None
 
@@ -108,9 +117,29 @@ class BatchOutcome:
         return self.failed + self.kept_failed
 
     def summary(self) -> str:
-        return (f"{len(self.ok)} ok ({len(self.skipped)} from earlier runs), "
+        text = (f"{len(self.ok)} ok ({len(self.skipped)} from earlier runs), "
                 f"{len(self.all_failed)} failed ({len(self.kept_failed)} kept from earlier "
                 f"runs), {self.ran} run now")
+        if self.deselected:
+            text += f", {len(self.deselected)} left for a later run (outside --only)"
+        return text
+
+
+def select_jobs(jobs: Sequence[Job], only: Sequence[dict[str, Any]]) -> set[str]:
+    """The keys of the jobs that match any of the filters ``only`` (dotted config path →
+    value, :func:`.records.config_matches`), with every job they need, transitively: the part
+    of a grid a run is restricted to (``kfacbound batch --only``). No filter selects all."""
+    if not only:
+        return {job.key for job in jobs}
+    by_key = {job.key: job for job in jobs}
+    chosen: set[str] = set()
+    stack = [job.key for job in jobs if any(config_matches(job.config, w) for w in only)]
+    while stack:
+        key = stack.pop()
+        if key not in chosen:
+            chosen.add(key)
+            stack.extend(k for k in by_key[key].needs if k in by_key)
+    return chosen
 
 
 def run_batch(
@@ -125,13 +154,16 @@ def run_batch(
     progress: bool = True,
     command: str | None = None,
     report: bool = True,
+    only: Sequence[dict[str, Any]] = (),
 ) -> BatchOutcome:
     """Run the jobs of ``spec`` not yet finished in ``out_dir`` and record each one.
 
     ``executor``: "inline" (this process, ``workers`` ignored), "local" (``workers`` spawned
     processes) or "ray". ``threads``: torch threads per job, default max(1, cores // workers).
     Jobs start only after the jobs they need finished ok; jobs whose needs failed are recorded as
-    failed. Returns a :class:`BatchOutcome`; the caller decides the exit code.
+    failed. ``only``: filters (:func:`select_jobs`): run just the matching jobs and what they
+    need; the others stay for a later run (the batch's keys, and so its report, still cover
+    every job). Returns a :class:`BatchOutcome`; the caller decides the exit code.
     """
     jobs = list(spec.jobs if isinstance(spec, BatchSpec) else spec)
     out = Path(out_dir)
@@ -156,6 +188,7 @@ def run_batch(
         state: dict[str, str] = {}  # key -> "ok" | "error"
         errors: dict[str, str] = {}
         todo: list[Job] = []
+        selected = select_jobs(jobs, only)
         for job in jobs:
             rec = previous.get(job.key)
             done = rec is not None and rec["status"] == "ok"
@@ -170,10 +203,13 @@ def run_batch(
                 state[job.key] = "error"
                 errors[job.key] = rec["error"]["message"] if rec.get("error") else "failed"
                 outcome.kept_failed.append(job.key)
+            elif job.key not in selected:
+                outcome.deselected.append(job.key)
             else:
                 todo.append(job)
-        for key in (k for job in jobs for k in job.needs):
-            if key not in state and key not in {j.key for j in todo}:
+        todo_keys = {j.key for j in todo}
+        for key in (k for job in todo for k in job.needs):
+            if key not in state and key not in todo_keys:
                 raise KfacboundError(f"job dependency {key[:12]} is not part of this batch")
 
         def finish(job: Job, record: dict[str, Any]) -> None:

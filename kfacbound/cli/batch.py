@@ -13,16 +13,16 @@ import click
 from ..batch.executors import EXECUTORS
 from ..batch.records import RESULTS, latest_records, mark_stale
 from ..batch.report import write_report
-from ..batch.runner import run_batch
+from ..batch.runner import run_batch, select_jobs
 from ..batch.spec import load_spec
 
 
-def parse_where(text: str) -> dict[str, Any]:
+def parse_where(text: str, option: str = "--mark-stale") -> dict[str, Any]:
     """'a.b=1,c="x"' → {'a.b': 1, 'c': 'x'}: values are JSON, else plain strings."""
     where: dict[str, Any] = {}
     for part in (p for p in text.split(",") if p.strip()):
         if "=" not in part:
-            raise click.BadParameter(f"{part!r} is not PATH=VALUE", param_hint="--mark-stale")
+            raise click.BadParameter(f"{part!r} is not PATH=VALUE", param_hint=option)
         path, value = (s.strip() for s in part.split("=", 1))
         try:
             where[path] = json.loads(value)
@@ -56,11 +56,16 @@ def parse_where(text: str) -> dict[str, Any]:
                    "'kind=\"bound\",bn=true,options.prior_split=0.5', so that they run again; "
                    "needs --reason. Repeat for several filters.")
 @click.option("--reason", default="", help="Why the --mark-stale results are wrong (recorded).")
+@click.option("--only", "only", multiple=True, metavar="PATH=VALUE[,PATH=VALUE...]",
+              help="Run only the jobs whose config matches every PATH=VALUE (same syntax as "
+                   "--mark-stale), and the jobs they need, e.g. 'label.arch=\"resnet8-w8\"' "
+                   "for one cell of the grid; the rest waits for a later run. Repeat for "
+                   "several filters (a job matching any runs).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar over jobs on stderr.")
 def command(spec: str, out: str, workers: int, executor: str, threads: int | None,
             ray_address: str | None, retry_failed: bool, dry_run: bool, report_only: bool,
-            stale: tuple[str, ...], reason: str, progress: bool) -> None:
+            stale: tuple[str, ...], reason: str, only: tuple[str, ...], progress: bool) -> None:
     """Run the grid described by the TOML file SPEC, resumably.
 
     Every finished job appends one JSON record to OUT/results.jsonl; a rerun of the same spec
@@ -72,6 +77,11 @@ def command(spec: str, out: str, workers: int, executor: str, threads: int | Non
     Example: kfacbound batch scripts/specs/smoke.toml --out smoke-out --workers 2
     """
     batch = load_spec(spec)
+    wheres = [parse_where(text, "--only") for text in only]
+    selected = select_jobs(batch.jobs, wheres)
+    if only and not selected:
+        raise click.BadParameter("no job of the spec matches: " + "; ".join(only),
+                                 param_hint="--only")
     if stale and not dry_run:
         for text in stale:
             keys = mark_stale(Path(out) / RESULTS, parse_where(text), reason)
@@ -85,7 +95,7 @@ def command(spec: str, out: str, workers: int, executor: str, threads: int | Non
             rec = previous.get(job.key)
             status = rec["status"] if rec else "new"
             action = "skip" if status == "ok" or (status == "error" and not retry_failed) \
-                else "run"
+                else "run" if job.key in selected else "later"
             label = job.config.get("label") or {}
             seed = job.config.get("seeds", job.config.get("seed"))
             click.echo(f"{job.key[:12]}  {job.kind:<10} {str(label.get('dataset')):<14} "
@@ -98,7 +108,7 @@ def command(spec: str, out: str, workers: int, executor: str, threads: int | Non
         f"kfacbound batch {shlex.quote(spec)} --out {shlex.quote(out)}"
     outcome = run_batch(batch, out, executor=executor, workers=workers, threads=threads,
                         ray_address=ray_address, retry_failed=retry_failed, progress=progress,
-                        command=command_line)
+                        command=command_line, only=wheres)
     click.echo(f"{outcome.summary()}; report: {outcome.report}", err=True)
     if outcome.all_failed:
         click.echo(f"{len(outcome.all_failed)} job(s) failed: see {out}/report.md "
