@@ -152,6 +152,18 @@ def test_prior_split_uses_rest_as_n(trained):
     assert cert["n"] == 450 and cert["prior"]["prior_n"] == 150
     assert cert["prior"]["center"] == "data-dependent"
     assert cf.recompute_certificate(cert) == pytest.approx(cert["bound"], abs=1e-12)
+    # a prior chosen among K settings tried on this data: a union bound, each at δ/K, δ′/K
+    from kfacbound.bounds.certificate import bound_after_trials
+    from kfacbound.errors import KfacboundError
+
+    assert bound_after_trials(cert, 1) == pytest.approx(cert["bound"], abs=1e-12)
+    for K in (2, 10):
+        thinned = dict(cert, delta=cert["delta"] / K, delta_prime=cert["delta_prime"] / K)
+        assert bound_after_trials(cert, K) == pytest.approx(independent_recompute(thinned),
+                                                            abs=1e-9)
+    assert bound_after_trials(cert, 10) > bound_after_trials(cert, 2) > cert["bound"]
+    with pytest.raises(KfacboundError, match="trials"):
+        bound_after_trials(cert, 0)
 
 
 def test_recompute_rejects_tampering(trained):

@@ -15,7 +15,12 @@
 - :mod:`.select`: choosing among candidates under a union bound.
 """
 
-from .certificate import Certificate, certify_posterior, recompute_certificate
+from .certificate import (
+    Certificate,
+    bound_after_trials,
+    certify_posterior,
+    recompute_certificate,
+)
 from .certify import certify_checkpoint
 from .config import CertifyConfig
 from .families import PosteriorFamily, build_posterior, posterior_family, register_family
@@ -48,5 +53,5 @@ __all__ = [
     "grid_penalty", "kl_bernoulli",
     "kl_gaussian_isotropic", "kl_inv", "lambda_bound", "maurer_bound", "mc_error_bound",
     "mcallester_bound", "optimize_posterior", "posterior_family", "quadratic_bound",
-    "recompute_certificate", "register_family",
+    "recompute_certificate", "register_family", "bound_after_trials",
 ]
