@@ -210,11 +210,11 @@ def table(rows: list[dict], args) -> str:
     trials = getattr(args, "trials", 1)
     trials_col = f" bound, {trials} settings tried |" if trials > 1 else ""
     if trials > 1:
-        head += (f"The recipe's prior settings were chosen by certifying {trials} settings on this "
-                 f"dataset (benchmarks/RESULTS.md); the column 'bound, {trials} settings tried' "
-                 f"pays for that choice with a union bound over them (δ/{trials}, "
-                 f"δ′/{trials} each, same confidence 1 − δ − δ′), recomputed from each "
-                 "certificate's JSON.\n\n")
+        head += (f"The recipe's prior settings were chosen after certifying at most {trials} "
+                 "settings on this dataset (benchmarks/RESULTS.md); the column 'bound, "
+                 f"{trials} settings tried' pays for that choice with a union bound over them "
+                 f"(δ/{trials}, δ′/{trials} each, same confidence 1 − δ − δ′), recomputed from "
+                 "each certificate's JSON.\n\n")
     lines = ["| net | posterior | test err | SNN train (ê_N) | SNN test | KL | bound |"
              f"{trials_col} time (s) | published anchor (same task) |",
              "|---|---|---|---|---|---|---|" + ("---|" if trials > 1 else "") + "---|---|"]
