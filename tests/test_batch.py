@@ -688,7 +688,9 @@ value = [1, 2]
     assert echo2 and not any(j.needs for j in echo2)  # echo needs no checkpoint
     assert actions.count("skip") == 2 and actions.count("run") == len(echo2)
     assert actions.count("later") == len(jobs) - 2 - len(echo2)
-    res = runner.invoke(main, [*args, "--only", "options.value=7"])
-    assert res.exit_code == 2 and "no job of the spec matches" in res.output
+    res = runner.invoke(main, [*args, "--only", "kind=echo", "--only", "options.value=7"])
+    assert res.exit_code == 2 and "no job of the spec matches 'options.value=7'" in res.output
+    res = runner.invoke(main, [*args, "--only", ""])
+    assert res.exit_code == 2 and "at least one" in res.output
     assert runner.invoke(main, args).exit_code == 0  # the rest runs later
     assert set(statuses(out)) == {j.key for j in jobs}

@@ -15,9 +15,11 @@ from torch.utils.data import TensorDataset
 
 from kfacbound.bounds import certify as cf
 from kfacbound.bounds import gather
+from kfacbound.bounds.certificate import bound_after_trials
 from kfacbound.bounds.families import build_posterior
 from kfacbound.bounds.prior import build_prior
 from kfacbound.curvature.layout import curvature_layers, layer_matrix
+from kfacbound.errors import KfacboundError
 from kfacbound.models import build_model, resolve_spec
 
 
@@ -152,18 +154,30 @@ def test_prior_split_uses_rest_as_n(trained):
     assert cert["n"] == 450 and cert["prior"]["prior_n"] == 150
     assert cert["prior"]["center"] == "data-dependent"
     assert cf.recompute_certificate(cert) == pytest.approx(cert["bound"], abs=1e-12)
-    # a prior chosen among K settings tried on this data: a union bound, each at δ/K, δ′/K
-    from kfacbound.bounds.certificate import bound_after_trials
-    from kfacbound.errors import KfacboundError
 
+
+def test_bound_after_trials_is_the_union_bound_over_the_settings_tried(trained):
+    """A prior chosen among K settings tried on the same data: every setting at δ/K, δ′/K."""
+    X, y, init, model = trained
+    cert = cf.certify_checkpoint(model, TensorDataset(X, y), posterior="diag", iterations=20,
+                                 mc_passes=1, init_model=init, prior_split=0.25,
+                                 progress=False)
     assert bound_after_trials(cert, 1) == pytest.approx(cert["bound"], abs=1e-12)
     for K in (2, 10):
         thinned = dict(cert, delta=cert["delta"] / K, delta_prime=cert["delta_prime"] / K)
         assert bound_after_trials(cert, K) == pytest.approx(independent_recompute(thinned),
                                                             abs=1e-9)
     assert bound_after_trials(cert, 10) > bound_after_trials(cert, 2) > cert["bound"]
-    with pytest.raises(KfacboundError, match="trials"):
-        bound_after_trials(cert, 0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(KfacboundError, match="trials"):
+            bound_after_trials(cert, bad)
+    # a certificate that already selects among m candidates becomes one of m·K
+    m = 2
+    chosen = dict(cert, selection={"m": m, "rule": "union", "shared_prior": False,
+                                   "delta_each": cert["delta"] / m,
+                                   "delta_prime_each": cert["delta_prime"] / m})
+    thinned = dict(cert, delta=cert["delta"] / (m * 5), delta_prime=cert["delta_prime"] / (m * 5))
+    assert bound_after_trials(chosen, 5) == pytest.approx(independent_recompute(thinned), abs=1e-9)
 
 
 def test_recompute_rejects_tampering(trained):

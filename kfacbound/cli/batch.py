@@ -71,17 +71,20 @@ def command(spec: str, out: str, workers: int, executor: str, threads: int | Non
     Every finished job appends one JSON record to OUT/results.jsonl; a rerun of the same spec
     skips jobs already recorded as ok (also after the run was killed), keeps failed ones unless
     --retry-failed, and regenerates OUT/summary.csv and OUT/report.md. Exit code 0 when every
-    job is ok, 1 when some failed, 2 for bad input. The spec format is documented in
+    job of this run is ok (with --only, jobs left for later do not count; failures kept from
+    earlier runs do), 1 when some failed, 2 for bad input. The spec format is documented in
     kfacbound/batch/spec.py and scripts/specs/smoke.toml.
 
     Example: kfacbound batch scripts/specs/smoke.toml --out smoke-out --workers 2
     """
     batch = load_spec(spec)
     wheres = [parse_where(text, "--only") for text in only]
+    for text, where in zip(only, wheres, strict=True):
+        if not where:
+            raise click.BadParameter("give at least one PATH=VALUE", param_hint="--only")
+        if not select_jobs(batch.jobs, [where]):
+            raise click.BadParameter(f"no job of the spec matches {text!r}", param_hint="--only")
     selected = select_jobs(batch.jobs, wheres)
-    if only and not selected:
-        raise click.BadParameter("no job of the spec matches: " + "; ".join(only),
-                                 param_hint="--only")
     if stale and not dry_run:
         for text in stale:
             keys = mark_stale(Path(out) / RESULTS, parse_where(text), reason)
