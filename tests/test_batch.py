@@ -694,3 +694,17 @@ value = [1, 2]
     assert res.exit_code == 2 and "at least one" in res.output
     assert runner.invoke(main, args).exit_code == 0  # the rest runs later
     assert set(statuses(out)) == {j.key for j in jobs}
+
+
+def test_select_jobs_closes_over_needs_transitively():
+    from kfacbound.batch.records import Job
+    from kfacbound.batch.runner import select_jobs
+
+    jobs = [Job("a", {"kind": "train", "seed": 0}),
+            Job("b", {"kind": "curvature", "needs": ["a"]}),
+            Job("c", {"kind": "report", "needs": ["b"], "options": {"k": 3}}),
+            Job("d", {"kind": "train", "seed": 1})]
+    assert select_jobs(jobs, [{"options.k": 3}]) == {"a", "b", "c"}  # c needs b needs a
+    assert select_jobs(jobs, [{"seed": 1}, {"kind": "curvature"}]) == {"a", "b", "d"}
+    assert select_jobs(jobs, [{"kind": "nothing"}]) == set()
+    assert select_jobs(jobs, []) == {"a", "b", "c", "d"}  # no filter: everything
