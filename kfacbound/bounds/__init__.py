@@ -48,10 +48,11 @@ from .prior import IsotropicPrior, build_prior
 
 __all__ = [
     "Certificate", "CertifyConfig", "GaussianPosterior", "IsotropicPrior", "PosteriorFamily",
-    "all_bounds", "build_posterior", "build_prior", "catoni_bound", "certify_checkpoint",
+    "all_bounds", "bound_after_trials", "build_posterior", "build_prior", "catoni_bound",
+    "certify_checkpoint",
     "certify_posterior", "complexity", "dr_bound", "grid_candidates", "grid_j", "grid_lambda",
     "grid_penalty", "kl_bernoulli",
     "kl_gaussian_isotropic", "kl_inv", "lambda_bound", "maurer_bound", "mc_error_bound",
     "mcallester_bound", "optimize_posterior", "posterior_family", "quadratic_bound",
-    "recompute_certificate", "register_family", "bound_after_trials",
+    "recompute_certificate", "register_family",
 ]

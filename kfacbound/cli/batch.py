@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ..batch.executors import EXECUTORS
-from ..batch.records import RESULTS, latest_records, mark_stale
+from ..batch.records import RESULTS, config_matches, latest_records, mark_stale
 from ..batch.report import write_report
 from ..batch.runner import run_batch, select_jobs
 from ..batch.spec import load_spec
@@ -82,7 +82,7 @@ def command(spec: str, out: str, workers: int, executor: str, threads: int | Non
     for text, where in zip(only, wheres, strict=True):
         if not where:
             raise click.BadParameter("give at least one PATH=VALUE", param_hint="--only")
-        if not select_jobs(batch.jobs, [where]):
+        if not any(config_matches(job.config, where) for job in batch.jobs):
             raise click.BadParameter(f"no job of the spec matches {text!r}", param_hint="--only")
     selected = select_jobs(batch.jobs, wheres)
     if stale and not dry_run:
