@@ -35,6 +35,24 @@ def test_gram_upper_matches_dense_product(d):
     torch.testing.assert_close(out32, M.T @ M, rtol=1e-5, atol=1e-3)
 
 
+
+@pytest.mark.parametrize("d", [5, 130, 300])
+def test_upper_triangle_sums_complete_to_the_dense_gram(d):
+    """Batches summed with upper=True (no per-batch mirror copies), completed once by
+    symmetrize_upper_, give Σ_b M_bᵀ M_b; float32 chunks into a float64 sum likewise."""
+    g = torch.Generator().manual_seed(d)
+    Ms = [torch.randn(n, d, generator=g, dtype=torch.float64) for n in (97, 64, 31)]
+    out = torch.zeros(d, d, dtype=torch.float64)
+    out32 = torch.zeros(d, d, dtype=torch.float64)
+    for M in Ms:
+        factors.gram_upper_(out, M, upper=True)
+        factors.add_gram(out32, M.float(), upper=True)
+    ref = sum(M.T @ M for M in Ms)
+    if d > factors.GRAM_BLOCK:  # the lower blocks were really left out
+        assert not torch.allclose(out, ref)
+    torch.testing.assert_close(factors.symmetrize_upper_(out), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(factors.symmetrize_upper_(out32), ref, rtol=1e-5, atol=1e-3)
+
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2),
                                 stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=False),
                                 dict(kernel_size=1)])

@@ -179,18 +179,18 @@ _acc = factors.accumulate
 
 
 def input_factor(module: nn.Module, a: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, *, upper: bool = False) -> torch.Tensor:
     """``out`` += Σ over the batch of ã ãᵀ (conv: (1/T) Σ_{i,t} ũ ũᵀ), ã = [a; 1] with a bias:
     :meth:`~.modules.CurvatureRule.input_factor` of the layer's rule. ``out`` is allocated when
     None; divide the final sum by the number of examples for Ã."""
-    return curvature_rule(module).input_factor(module, a, out)
+    return curvature_rule(module).input_factor(module, a, out, upper=upper)
 
 
 def output_factor(module: nn.Module, grads: torch.Tensor,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, *, upper: bool = False) -> torch.Tensor:
     """``out`` += Σ_{v,i,t} γ γᵀ from the backpropagated columns ``grads`` [V, N, out, *spatial]:
     :meth:`~.modules.CurvatureRule.output_factor` of the layer's rule."""
-    return curvature_rule(module).output_factor(module, grads, out)
+    return curvature_rule(module).output_factor(module, grads, out, upper=upper)
 
 
 def bn_diag(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -418,7 +418,8 @@ class _NativeBatch:
                     "supported by K-FAC extraction)"
                 )
             self.seen.add(name)
-            self.A_sum[name] = input_factor(module, inputs[0], out=self.A_sum.get(name))
+            self.A_sum[name] = input_factor(module, inputs[0], out=self.A_sum.get(name),
+                                            upper=True)
             self.z[name] = output
             self.versions[name] = output._version
         return hook
@@ -497,7 +498,8 @@ def _native_step(model, hooks: _NativeBatch, X, loss, method, mc_samples, out_su
     targets = [hooks.z[n] for n in names] + ([hooks.bn_out[b] for b in bn_names] if exact else [])
     for grads in _vjp_groups(logits, targets, cols, retain_graph=False, batched=batched):
         for name, g in zip(names, grads[: len(names)], strict=True):
-            out_sums[name] = output_factor(hooks.layers[name], g, out=out_sums.get(name))
+            out_sums[name] = output_factor(hooks.layers[name], g, out=out_sums.get(name),
+                                           upper=True)
         if exact and bn_names:
             _add_bn(hooks, bn_names, grads[len(names):], bn_sums)
     return logits
@@ -611,6 +613,10 @@ def compute_kfac(
     if n == 0:
         raise KfacboundError("the dataset is empty")
 
+    if backend == "native":  # its sums hold only their upper triangles (no per-batch copies)
+        for sums in (G_sum, A_sum):
+            for value in sums.values():
+                factors.symmetrize_upper_(value)
     result_layers: dict[str, KronLayer] = {}
     for name, m in layers.items():
         G = (G_sum[name].to(torch.float64) / n).cpu()

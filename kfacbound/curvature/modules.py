@@ -223,21 +223,25 @@ class CurvatureRule(ModuleRule):
         raise NotImplementedError
 
     def input_factor(self, module: nn.Module, a: torch.Tensor,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-        """``out`` += Σ_i (1/T) Σ_t ã_{i,t} ã_{i,t}ᵀ over the batch ``a`` (float64 unless given)."""
+                     out: torch.Tensor | None = None, *, upper: bool = False) -> torch.Tensor:
+        """``out`` += Σ_i (1/T) Σ_t ã_{i,t} ã_{i,t}ᵀ over the batch ``a`` (float64 unless given).
+
+        ``upper=True``: only the upper triangle of ``out`` is updated (see
+        :func:`~.factors.gram_upper_`), for sums completed once by
+        :func:`~.factors.symmetrize_upper_`; the same holds for :meth:`output_factor`."""
         r = self.rows(module, a.detach())
         N, T, D = r.shape
         if out is None:
             out = torch.zeros(D, D, dtype=torch.float64, device=a.device)
-        return factors.add_gram(out, r.reshape(N * T, D), alpha=1.0 / T)
+        return factors.add_gram(out, r.reshape(N * T, D), alpha=1.0 / T, upper=upper)
 
     def output_factor(self, module: nn.Module, grads: torch.Tensor,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, *, upper: bool = False) -> torch.Tensor:
         """``out`` += Σ_{v,i,t} γ γᵀ for the columns ``grads`` [V, N, out, *positions]."""
         g = self.output_rows(module, grads.detach())
         if out is None:
             out = torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64, device=g.device)
-        return factors.conv_gram(out, g)
+        return factors.conv_gram(out, g, upper=upper)
 
     def batch_average_G(self, module: nn.Module, M: torch.Tensor) -> torch.Tensor:
         """G from KFRA's batch-averaged output Hessian M [out·T, out·T] (channel-major):
@@ -285,14 +289,14 @@ class LinearRule(CurvatureRule):
         return grads.reshape(-1, grads.shape[-1])[:, :, None]
 
     def input_factor(self, module: nn.Module, a: torch.Tensor,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, *, upper: bool = False) -> torch.Tensor:
         """Σ ã ãᵀ without forming ã: one half-flop Gram product of the inputs
         (:func:`~.factors.add_gram`, in the input's dtype) and their sum for the bias row."""
         u = a.detach().reshape(a.shape[0], -1)
         d = u.shape[1]
         if out is None:
             out = factors.new_acc(d + int(module.bias is not None), u)
-        factors.add_gram(out[:d, :d], u)
+        factors.add_gram(out[:d, :d], u, upper=upper)
         if module.bias is not None:
             s = u.sum(0)
             out[:d, d] += s
@@ -301,12 +305,12 @@ class LinearRule(CurvatureRule):
         return out
 
     def output_factor(self, module: nn.Module, grads: torch.Tensor,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, *, upper: bool = False) -> torch.Tensor:
         """One half-flop Gram product of the [V·N, out] columns in their dtype."""
         g = grads.detach().reshape(-1, grads.shape[-1])
         if out is None:
             out = factors.new_acc(g.shape[1], g)
-        return factors.add_gram(out, g)
+        return factors.add_gram(out, g, upper=upper)
 
     def batch_average_G(self, module: nn.Module, M: torch.Tensor) -> torch.Tensor:
         return M
@@ -377,7 +381,7 @@ class ConvRule(CurvatureRule):
         return grads.reshape(grads.shape[0] * grads.shape[1], grads.shape[2], -1)
 
     def input_factor(self, module: nn.Module, a: torch.Tensor,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, *, upper: bool = False) -> torch.Tensor:
         """``out`` (float64) += (1/T) Σ_{i,t} ũ ũᵀ for the patches ũ = [u; 1].
 
         Chunks of b examples (b·T ≈ GRAM_CHUNK rows) of the strided :meth:`patch_view` are
@@ -400,7 +404,7 @@ class ConvRule(CurvatureRule):
             c = view[(*lead, slice(start, start + step))].reshape(D, -1)
             if start:
                 tmp.zero_()
-            out[:D, :D].add_(factors.gram_upper_(tmp, c.T), alpha=1.0 / T)
+            out[:D, :D].add_(factors.gram_upper_(tmp, c.T, upper=upper), alpha=1.0 / T)
             if module.bias is not None:
                 s = c.sum(1).to(torch.float64) / T
                 out[:D, D] += s
