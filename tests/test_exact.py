@@ -15,7 +15,15 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from kfacbound.curvature.exact import exact_hessian, hessian_parts, layer_hessian
+from kfacbound.curvature.exact import (
+    _dense_ggn,
+    _dense_hessian,
+    _problem,
+    exact_hessian,
+    functional_part_vanishes,
+    hessian_parts,
+    layer_hessian,
+)
 from kfacbound.curvature.operators import ggn_operator, hessian_operator
 from kfacbound.errors import KfacboundError
 from kfacbound.losses import make_loss, prepare_targets
@@ -173,6 +181,31 @@ def test_relu_layer_block_equals_its_ggn_block_but_tanh_does_not():
     H = layer_hessian(tanh, X, y, "ce", "1")
     G = layer_hessian(tanh, X, y, "ce", "1", part="H_O")
     assert (H - G).abs().max() > 1e-6
+
+
+@over_cases()
+def test_ggn_shortcut_is_taken_exactly_where_the_functional_block_vanishes(case):
+    """functional_part_vanishes decides per block; the dense block it leads to (H_O from
+    per-example Jacobians, or Hessian-vector products) matches autograd's float64 Hessian, and
+    the batch-function Jacobian agrees with the per-example one."""
+    model = case.model()
+    X, y = case.data(9)
+    labels = [n for n, m in model.named_modules() if list(m.parameters(recurse=False))]
+    smooth = any(isinstance(m, (nn.Tanh, nn.Sigmoid, nn.GELU)) for m in model.modules())
+    for label in labels:
+        problem = _problem(model, X, y, case.loss, [label], None, None, DT, None, None)
+        H_ref, J_ref, _ = _reference(model, X, y, case.loss, [label])
+        G_ref = _dense_ggn(problem, False)
+        truth = bool((H_ref - G_ref).abs().max() <= 1e-12 * H_ref.abs().max())
+        assert functional_part_vanishes(problem) == truth, label
+        if not smooth and case.loss == "ce":
+            assert truth, label  # one layer of a ReLU / eval-BN / residual network
+        H = _dense_hessian(problem, False, structured=False)
+        assert torch.allclose(H, H_ref, atol=1e-12, rtol=1e-10), label
+        assert torch.allclose(problem.jacobian(X), J_ref, atol=1e-12), label
+        assert torch.allclose(problem.batch_jacobian(X), J_ref, atol=1e-12), label
+    both = _problem(model, X, y, case.loss, labels[:2], None, None, DT, None, None)
+    assert not functional_part_vanishes(both)  # cross-layer terms
 
 
 @over_cases()

@@ -14,8 +14,9 @@ row-major layout of :mod:`kfacbound.curvature.layout`) or any subset of paramete
 :class:`~kfacbound.curvature.operators.ParameterSelection`). Computation: H column blocks are
 Hessian-vector products against identity columns, vectorised with ``torch.func.vmap`` over
 forward-over-reverse products (much faster than ``torch.autograd.functional.hessian``'s Python loop
-of double-backward passes); H_O from the per-batch output Jacobian J (reverse or forward mode,
-whichever needs fewer passes) as Jᵀ(ΛJ). Data are processed in mini-batches (``batch_size``),
+of double-backward passes), except where H_F vanishes on the block (one layer of a ReLU network:
+:func:`functional_part_vanishes`) and H = H_O; H_O from per-example output Jacobians J_i as
+Σ_i J_iᵀ(Λ_i J_i). Data are processed in mini-batches (``batch_size``),
 each contributing n_b/n of its own mean-loss matrix. Matrices above ``max_params`` rows raise
 :class:`KfacboundError` (p² · 8 bytes of memory, O(p²·n) time); use the matrix-free operators of
 :mod:`kfacbound.curvature.operators` instead.
@@ -33,7 +34,7 @@ from torch import nn
 from ..errors import KfacboundError
 from ..progress import progress_bar
 from .modules import LinearRule, rule_for
-from .operators import CurvatureProblem
+from .operators import CHUNK_MEMORY, CurvatureProblem
 
 DEFAULT_MAX_PARAMS = 6000
 
@@ -63,12 +64,15 @@ def _problem(model, X, y, loss, params, batch_size, max_params, dtype, device, c
 
 
 def _dense_hessian(problem: CurvatureProblem, progress: bool,
-                   structured: bool = True) -> torch.Tensor:
-    """Dense H: the closed form :func:`_mlp_hessian` for MLPs (``structured``), else
+                   structured: bool = True, ggn_shortcut: bool = True) -> torch.Tensor:
+    """Dense H: the closed form :func:`_mlp_hessian` for MLPs (``structured``); else H_O when
+    ``ggn_shortcut`` and :func:`functional_part_vanishes` says H_F = 0 on this block; else
     Hessian-vector products against identity columns in vmapped chunks."""
     layers = mlp_layers(problem) if structured else None
     if layers is not None:
         return _mlp_hessian(problem, layers)
+    if ggn_shortcut and functional_part_vanishes(problem):
+        return _dense_ggn(problem, progress)
     p = problem.p
     H = torch.empty(p, p, dtype=problem.dtype, device=problem.device)
     step = problem.chunk_size
@@ -81,11 +85,41 @@ def _dense_hessian(problem: CurvatureProblem, progress: bool,
     return (H + H.T) / 2
 
 
+def functional_part_vanishes(problem: CurvatureProblem, probes: int = 2, seed: int = 0,
+                             rtol: float | None = None) -> bool:
+    """Whether H_F = H − H_O is zero on the selected block, tested with Gaussian probes v:
+    ‖(H − H_O) v‖ ≤ rtol · ‖H v‖ for every probe (rtol default √eps of the dtype: 1.5e-8 in
+    float64). A non-zero H_F is found with probability 1 (M v = 0 has measure zero for M ≠ 0),
+    so a pass means H_F is zero up to rtol.
+
+    Why it pays: for networks that are piecewise linear in their parameters one layer at a time
+    — ReLU/max-pool/affine layers, eval-mode BatchNorm, residual additions — the output is
+    piecewise linear in a single layer's [W | b] (z = W̃x̃ enters a piecewise-linear map), so
+    ∂²f/∂W̃² = 0 almost everywhere and the layer's diagonal block of H equals its GGN block
+    (Singh, Bachmann & Hofmann 2021; Wu et al., "Dissecting Hessian"). H_O then comes from
+    per-example Jacobians, C backward passes, instead of p Hessian-vector products. Cross-layer
+    blocks, smooth activations (tanh, GELU, …) and MSE on such blocks fail the test and take the
+    Hessian-vector-product route."""
+    if rtol is None:
+        rtol = float(torch.finfo(problem.dtype).eps) ** 0.5
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.randn(problem.p, probes, generator=gen, dtype=problem.dtype).to(problem.device)
+    HV = torch.stack([problem.hvp(V[:, j]) for j in range(probes)], 1)
+    GV = torch.stack([problem.ggnvp(V[:, j]) for j in range(probes)], 1)
+    num = torch.linalg.vector_norm(HV - GV, dim=0)
+    den = torch.linalg.vector_norm(HV, dim=0)
+    return bool(torch.all(num <= rtol * den))
+
+
 def _dense_ggn(problem: CurvatureProblem, progress: bool) -> torch.Tensor:
+    """Dense H_O = (1/n) Σ_i J_iᵀ Λ_i J_i, over chunks of examples (J of a chunk about
+    CHUNK_MEMORY bytes): per-example Jacobians (:meth:`CurvatureProblem.jacobian`), one GEMM."""
     p = problem.p
     G = torch.zeros(p, p, dtype=problem.dtype, device=problem.device)
-    for X, T, _ in progress_bar(None, "dense GGN", progress, "batch", problem.batches(),
-                                leave=False):
+    step = max(1, CHUNK_MEMORY // max(1, problem.num_outputs * p * problem._itemsize))
+    chunks = [(X[i:i + step], T[i:i + step]) for X, T, _ in problem.batches()
+              for i in range(0, len(X), step)]
+    for X, T in progress_bar(len(chunks), "dense GGN", progress, "chunk", chunks, leave=False):
         with torch.no_grad():
             F = problem.forward(problem.theta, X)
         Lam = problem.loss_hessians(F, T).reshape(len(X), problem.num_outputs, -1)
@@ -153,7 +187,7 @@ def hessian_parts(
     """H, H_O and H_F = H − H_O in one pass over the set-up (same coordinates for all three)."""
     problem = _problem(model, X, y, loss, params, batch_size, max_params, dtype, device,
                        chunk_size)
-    H = _dense_hessian(problem, progress).cpu()
+    H = _dense_hessian(problem, progress, ggn_shortcut=False).cpu()
     H_O = _dense_ggn(problem, progress).cpu()
     return HessianParts(H=H, H_O=H_O, H_F=H - H_O, slices=problem.selection.slices,
                         loss=problem.loss())

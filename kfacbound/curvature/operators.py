@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
-from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
+from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
 
 from ..data import dataset_tensors as dataset_tensors  # re-export: its old home
 from ..errors import KfacboundError
@@ -388,7 +388,30 @@ class CurvatureProblem:
         return out[:, 0] if vec else out
 
     def jacobian(self, X: torch.Tensor) -> torch.Tensor:
-        """J of the outputs on X w.r.t. θ, shape (N, C, p), by reverse or forward mode (cheaper)."""
+        """J of the outputs on X w.r.t. θ, shape (N, C, p).
+
+        Per example (the model is in eval mode, so output i depends on example i alone):
+        ``vmap`` over examples of ``jacrev`` of the one-example output, C reverse passes
+        vectorised over examples, in chunks of examples holding about CHUNK_MEMORY bytes of J.
+        That costs about C backward passes of the batch, against N·C (or p) batch passes for
+        rows (columns) of the batch Jacobian, which :meth:`batch_jacobian` forms and this falls
+        back to when the model cannot be vmapped over examples."""
+        theta = self.theta
+
+        def single(t, x):
+            return self.forward(t, x[None]).reshape(-1)
+        N, C = len(X), self.num_outputs
+        step = max(1, CHUNK_MEMORY // max(1, C * self.p * self._itemsize))
+        try:
+            per_example = vmap(jacrev(single), in_dims=(None, 0))
+            return torch.cat([per_example(theta, X[i:i + step]) for i in range(0, N, step)])
+        except RuntimeError:  # e.g. an operation without a batching rule: batch passes
+            return self.batch_jacobian(X)
+
+    def batch_jacobian(self, X: torch.Tensor) -> torch.Tensor:
+        """J of the outputs on X w.r.t. θ, shape (N, C, p), from the batch function: N·C
+        reverse passes or p forward passes (the fewer), vectorised with vmap. Exact for any
+        model, also one whose examples interact; :meth:`jacobian` is faster when they don't."""
         theta = self.theta
 
         def f(t):
