@@ -8,6 +8,12 @@ from our matrix and each row's peak resident memory (benchmarks/_mem.py). Rows: 
 (vmapped Hessian-vector products against identity columns, used for any other network),
 ``torch.func.hessian`` and ``torch.autograd.functional.hessian``.
 
+Second table (``layer_rows`` in the JSON): one layer block of a residual network, ResNet-8 of
+widths 4-8-16 with BN on 1×28×28 inputs (Gaussian, the model at its seeded initialisation, eval
+mode), block ``layer1.0.conv1`` (144 parameters), n examples: ``exact_hessian`` (H = H_O there,
+so per-example Jacobians: ``kfacbound.curvature.exact.functional_part_vanishes``), the generic
+path with that shortcut off, and ``torch.func.hessian`` of the loss in the layer's weight.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_dense_hessian.py [--threads 1]
         [--repeat 3] [--device cpu] [--skip-loop] [--quick] [--json out.json]
 """
@@ -60,6 +66,59 @@ def _best(fn, repeat: int, device: str) -> tuple[float, torch.Tensor, dict]:
     return best, out, mem
 
 
+def _layer_block(args, sync) -> tuple[str, list]:
+    """The ResNet layer-block table: (header, rows of (name, seconds, max abs diff, memory))."""
+    spec = resolve_spec({"arch": "resnet", "blocks": [1, 1, 1], "channels": [4, 8, 16]},
+                        input_shape=[1, 28, 28], num_outputs=10)
+    model = build_model(spec, seed=0).to(torch.float64).eval().to(args.device)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(args.layer_n, 1, 28, 28, generator=g, dtype=torch.float64).to(args.device)
+    y = torch.randint(0, 10, (args.layer_n,), generator=g).to(args.device)
+    layer = "layer1.0.conv1"
+    module = dict(model.named_modules())[layer]
+    idx = torch_to_layout_index(module).to(args.device)
+    base = {**{n: q.detach() for n, q in model.named_parameters()}, **dict(model.named_buffers())}
+    names = [f"{layer}.{n}" for n, _ in module.named_parameters()]
+    shapes = [q.shape for q in module.parameters()]
+    loss = make_loss("ce")
+
+    def objective(vec):
+        state, s = dict(base), 0
+        for n, sh in zip(names, shapes, strict=True):
+            state[n] = vec[s:s + sh.numel()].reshape(sh)
+            s += sh.numel()
+        return loss(functional_call(model, state, (X,)), y)
+    theta = torch.cat([q.detach().reshape(-1) for q in module.parameters()])
+
+    def ours():
+        H = exact_hessian(model, X, y, "ce", [layer], device=args.device)
+        sync()
+        return H
+
+    def generic():
+        problem = _problem(model, X, y, "ce", [layer], None, None, torch.float64, args.device,
+                           None)
+        H = _dense_hessian(problem, False, ggn_shortcut=False).cpu()
+        sync()
+        return H
+
+    def func_hessian():
+        H = torch.func.hessian(objective)(theta)
+        sync()
+        return H[idx][:, idx].cpu()
+    ours()
+    t_ours, H, mem = _best(ours, args.repeat, args.device)
+    rows = [("kfacbound exact_hessian (H = H_O: per-example Jacobians)", t_ours, 0.0, mem)]
+    for name, fn in (("kfacbound generic path (vmapped HVPs of identity columns)", generic),
+                     ("torch.func.hessian", func_hessian)):
+        t, R, m = _best(fn, args.repeat, args.device)
+        rows.append((name, t, float((R - H).abs().max()), m))
+    header = (f"dense layer block {layer} (p = {theta.numel()}) of ResNet-8 4-8-16 with BN, "
+              f"1x28x28 Gaussian inputs, n = {args.layer_n}, float64, device {args.device}, "
+              f"{args.threads} thread(s), best of {args.repeat}")
+    return header, rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
@@ -70,10 +129,13 @@ def main() -> None:
                     help="skip torch.autograd.functional.hessian with vectorize=False (slow)")
     ap.add_argument("--widths", default="36,36")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU dry run of gpu.sh)")
+    ap.add_argument("--layer-n", type=int, default=100,
+                    help="examples of the ResNet layer-block table")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.quick:
         args.n, args.widths, args.repeat, args.skip_loop = 20, "8,8", 1, True
+        args.layer_n = 8
     torch.set_num_threads(args.threads)
     X, y, source = _data(args.n)
     widths = [int(w) for w in args.widths.split(",")]
@@ -156,13 +218,25 @@ def main() -> None:
     for name, t, diff, mem in rows:
         print(f"| {name} | {t:.2f} | {t / t_ours:.1f}x | {diff:.1e} | "
               f"{mem['peak_rss_mib']:.0f} |")
+    layer_header, layer_rows = _layer_block(args, sync)
+    print(f"\n# {layer_header}")
+    print("| method | seconds | time ratio to ours | max abs diff | peak RSS (MiB) |")
+    print("|---|---|---|---|---|")
+    t_layer = layer_rows[0][1]
+    for name, t, diff, mem in layer_rows:
+        print(f"| {name} | {t:.2f} | {t / t_layer:.1f}x | {diff:.1e} | "
+              f"{mem['peak_rss_mib']:.0f} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"header": header, "p": p, "n": args.n, "threads": args.threads,
                        "device": args.device, "repeat": args.repeat,
                        "rows": [{"row": name, "seconds": t, "ratio_to_ours": t / t_ours,
                                  "max_abs_diff": diff, **mem}
-                                for name, t, diff, mem in rows]}, fh, indent=2)
+                                for name, t, diff, mem in rows],
+                       "layer_header": layer_header, "layer_n": args.layer_n,
+                       "layer_rows": [{"row": name, "seconds": t, "ratio_to_ours": t / t_layer,
+                                       "max_abs_diff": diff, **mem}
+                                      for name, t, diff, mem in layer_rows]}, fh, indent=2)
 
 
 if __name__ == "__main__":

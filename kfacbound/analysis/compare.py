@@ -38,8 +38,8 @@ from torch import nn
 from ..curvature.exact import exact_ggn, exact_hessian
 from ..curvature.kfac import KFACResult, compute_kfac
 from ..curvature.kfac_layer import KronLayer
+from ..curvature.layer_ggn import exact_block_operator
 from ..curvature.layout import curvature_layers, layer_size
-from ..curvature.operators import ggn_operator, hessian_operator
 from ..curvature.spectral import overlap_curve, top_eigenpairs
 from ..data import dataset_tensors
 from ..errors import KfacboundError
@@ -115,7 +115,9 @@ def exact_block(
     """Top-k eigenpairs of the exact layer block H or H_O of the mean loss.
 
     Dense ``eigh`` when the layer has at most ``dense_limit`` parameters, otherwise Lanczos
-    (largest algebraic eigenvalues, relative tolerance ``tol``) on the matrix-free products.
+    (largest algebraic eigenvalues, relative tolerance ``tol``) on the matrix-free products of
+    :func:`~kfacbound.curvature.layer_ggn.exact_block_operator` (layer-local GGN products where
+    H = H_O on the layer, e.g. ReLU networks; Hessian-vector products otherwise).
     ``dtype`` "float64" (default) or "float32" for the products (about 4× faster for conv
     layers on CPU; Lanczos tolerance then at least 1e-5); eigensolvers run in float64.
     """
@@ -137,8 +139,7 @@ def exact_block(
         evals, evecs = evals[::-1].copy(), evecs[:, ::-1].copy()
         return ExactBlock(part, evals[:k], evecs[:, :k], "dense", M if keep_dense else None,
                           evals)
-    op_fn = hessian_operator if part == "H" else ggn_operator
-    op = op_fn(model, X, y, loss, [layer], dtype=np.dtype(dtype), **common)
+    op = exact_block_operator(model, X, y, loss, layer, part, dtype=np.dtype(dtype), **common)
     if dtype == "float32":
         tol = max(tol, 1e-5)
     evals, evecs = top_eigenpairs(op, k, "LA", tol=tol, seed=seed)

@@ -150,7 +150,8 @@ def analyse_model(
     """The per-model part of the structure report.
 
     Returns {"bn", "loss", "num_outputs", "expected_outliers", "layers": {name: {...}}}; each
-    layer holds ``shape``, ``dim``, ``k``, ``method``, ``exact_eigenvalues``, ``kfac_eigenvalues``,
+    layer holds ``shape``, ``dim``, ``k``, ``method``, ``route`` (how the exact block's products
+    were formed: "dense", "layer-ggn" or "hvp"), ``exact_eigenvalues``, ``kfac_eigenvalues``,
     ``rank1`` (ratio of each exact top eigenvector), ``rank1_kfac`` (same for K-FAC's, 1 up to
     rounding), ``align_A_mean`` (|cos(v₁(Ã), E[ã])|), ``align_exact_mean`` (|cos| of the top
     exact eigenvector's right singular vector with E[ã]), ``outliers_exact``, ``outliers_kfac``,
@@ -189,6 +190,7 @@ def analyse_model(
         curve = overlap_curve(Vex, kvecs[:, :kk])
         out_layers[name] = {
             "shape": list(shape), "dim": kron.dim, "k": kk, "method": blk.method,
+            "route": getattr(blk.operator, "route", None) or blk.method,
             "exact_eigenvalues": blk.values[:k_all].tolist(),
             "kfac_eigenvalues": kvals.tolist(),
             "rank1": [rank1_ratio(Vex[:, i], shape) for i in range(kk)],

@@ -64,12 +64,13 @@ def exact_eigenbases(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss: s
     Layers with at most ``dense_max`` parameters: dense block from
     kfacbound.curvature.exact.layer_hessian and a full eigh (top ``k`` kept if given). Larger
     layers: the top ``k`` (default ``lanczos_k``) eigenpairs by Lanczos
-    (kfacbound.curvature.spectral.top_eigenpairs on the matrix-free Hessian operator); the
+    (kfacbound.curvature.spectral.top_eigenpairs on the matrix-free Hessian block of
+    kfacbound.curvature.layer_ggn.exact_block_operator); the
     posterior then puts one shared variance on the orthogonal complement.
     """
     from ..curvature.exact import layer_hessian
+    from ..curvature.layer_ggn import exact_block_operator
     from ..curvature.layout import curvature_layers, layer_size
-    from ..curvature.operators import hessian_operator
     from ..curvature.spectral import top_eigenpairs
 
     out = {}
@@ -81,7 +82,7 @@ def exact_eigenbases(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss: s
             out[path] = exact_eigenbasis(H.cpu(), k)
         else:
             kk = min(k or lanczos_k, P - 2)
-            op = hessian_operator(model, X, y, loss, path, device=device)
+            op = exact_block_operator(model, X, y, loss, path, "H", device=device)
             evals, evecs = top_eigenpairs(op, kk)
             out[path] = (torch.as_tensor(evecs.copy()), torch.as_tensor(evals.copy()))
     return out

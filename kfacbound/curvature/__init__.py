@@ -36,6 +36,8 @@ _LAZY = {
     "layer_hessian": ".exact",
     "hessian_operator": ".operators",
     "ggn_operator": ".operators",
+    "exact_block_operator": ".layer_ggn",
+    "LayerGGN": ".layer_ggn",
     "top_eigenpairs": ".spectral",
     "hutchinson_trace": ".spectral",
     "slq_density": ".spectral",

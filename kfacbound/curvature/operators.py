@@ -436,6 +436,7 @@ class TorchOperator(LinearOperator):
         self.apply_torch = apply
         self.problem = problem
         self.num_products = 0
+        self.route = ""  # how products are formed, where a builder records it
 
     def _matmat(self, X):
         V = torch.as_tensor(np.ascontiguousarray(X))

@@ -1,0 +1,181 @@
+"""The exact GGN block of one layer as a matrix-free operator from per-example output Jacobians.
+
+For one Linear/Conv layer z = layer(a; W̃) (W̃ = [W | b] in the layout of
+:mod:`kfacbound.curvature.layout`) the layer's block of the generalised Gauss–Newton matrix is
+
+    H_O,ll = (1/n) Σ_i J_iᵀ Λ_i J_i,   J_i = B_i ∂z_i/∂W̃,   B_i = ∂f(x_i)/∂z_i   (C × |z|),
+
+with Λ_i = ∂²ℓ_i/∂f² (Martens & Grosse 2015 §3; the same B_i that KFLR backpropagates before it
+takes the Kronecker approximation E[G] ⊗ E[A]). :class:`LayerGGN` backpropagates B_i once, C
+reverse passes over the data (eval mode: example i's output depends on example i alone), and
+keeps B, the layer inputs a and Λ. A product is then local to the layer:
+
+    δz_i = layer(a_i; V)                      (the layer is linear in W̃)
+    u_i  = B_i δz_i,   w_i = Λ_i u_i,   g_i = B_iᵀ w_i
+    H_O,ll V = (1/n) Σ_i (∂z_i/∂W̃)ᵀ g_i      (the layer's weight gradient for output gradient g)
+
+— one layer forward and one weight gradient instead of a Hessian-vector product through the
+whole network (each costs several forward passes of the model).
+
+It is the exact *Hessian* block wherever the functional part H_F vanishes on the layer, which
+:func:`~kfacbound.curvature.exact.functional_part_vanishes` tests (single layers of ReLU /
+max-pool / eval-BN / residual networks); :func:`exact_block_operator` picks it then, and the
+Hessian-vector-product operator otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import KfacboundError
+from .operators import CurvatureProblem, TorchOperator
+
+LAYER_GGN_MEMORY = 2 * 2**30  # bytes of B, a and Λ kept by LayerGGN (default budget)
+SETUP_BATCH = 512  # examples per reverse pass when B is formed
+
+
+class LayerGGN:
+    """H_O of the mean loss restricted to one layer (``problem`` selects exactly that layer):
+    ``matmat(V)`` for V (p × k), p = the layer's size in [W | b] layout.
+
+    Stores, per chunk of at most SETUP_BATCH examples, B (N, C, |z|), the layer input a and
+    Λ (N, C, C): :meth:`memory_bytes` predicts the total before anything is formed."""
+
+    def __init__(self, problem: CurvatureProblem):
+        entries = problem.selection.entries
+        if len(entries) != 1 or entries[0].kind != "layer":
+            raise KfacboundError("LayerGGN needs a selection of exactly one Linear/Conv layer")
+        self.problem = problem
+        self.label = entries[0].label
+        self.module = dict(problem.model.named_modules())[self.label]
+        self.fn = entries[0].rule.function(self.module)
+        self.shape = tuple(entries[0].rule.layer_matrix(self.module).shape)
+        self.p = problem.p
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for X, T, _ in problem.batches():
+            for i in range(0, len(X), SETUP_BATCH):
+                self._chunks.append(self._backpropagate(X[i:i + SETUP_BATCH],
+                                                        T[i:i + SETUP_BATCH]))
+
+    @staticmethod
+    def memory_bytes(problem: CurvatureProblem, layer: str) -> int:
+        """Bytes of B, a and Λ for ``layer`` on the problem's data (one forward of 1 example)."""
+        module = dict(problem.model.named_modules())[layer]
+        sizes: dict[str, int] = {}
+
+        def hook(_m, inputs, output):
+            sizes["a"], sizes["z"] = inputs[0][0].numel(), output[0].numel()
+        h = module.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                problem.model(problem.X[:1])
+        finally:
+            h.remove()
+        C = problem.num_outputs
+        return problem.n * (C * sizes["z"] + sizes["a"] + C * C) * problem._itemsize
+
+    def _backpropagate(self, X: torch.Tensor, T: torch.Tensor):
+        """(B, a, Λ) of one chunk: B[i, c] = ∂f_c(x_i)/∂z_i by C reverse passes to the layer
+        output (made a leaf by a forward hook)."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_m, inputs, output):
+            if "z" in captured:
+                raise KfacboundError(f"layer {self.label!r} is called more than once per "
+                                     "forward pass (shared weights): no per-layer GGN block")
+            captured["a"] = inputs[0].detach()
+            captured["z"] = output.detach().requires_grad_(True)
+            return captured["z"]
+        h = self.module.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                F = self.problem.model(X).reshape(len(X), -1)
+                z = captured["z"]
+                C = F.shape[1]
+                B = torch.stack([torch.autograd.grad(F[:, c].sum(), z, retain_graph=c < C - 1)[0]
+                                 .reshape(len(X), -1) for c in range(C)], 1)
+        finally:
+            h.remove()
+        Lam = self.problem.loss_hessians(F.detach(), T).reshape(len(X), C, C)
+        return B, captured["a"], Lam
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """H_O,ll V for V (p,) or (p, k), in the problem's dtype and device."""
+        V, vec = self.problem._as_matrix(V)
+        out = torch.zeros_like(V)
+        for j in range(V.shape[1]):
+            M = V[:, j].reshape(self.shape)
+            Mleaf = torch.zeros_like(M, requires_grad=True)
+            acc = torch.zeros_like(M)
+            for B, a, Lam in self._chunks:
+                with torch.no_grad():
+                    dz = self.fn(a, M).reshape(len(a), -1, 1)
+                    w = torch.bmm(Lam, torch.bmm(B, dz))  # (N, C, 1)
+                    g = torch.bmm(B.transpose(1, 2), w)  # (N, |z|, 1)
+                with torch.enable_grad():
+                    z = self.fn(a, Mleaf)
+                    acc += torch.autograd.grad(z, Mleaf, g.reshape(z.shape))[0]
+            out[:, j] = acc.reshape(-1) / self.problem.n
+        return out[:, 0] if vec else out
+
+
+ROUTES = ("auto", "layer-ggn", "hvp")
+
+
+def exact_block_operator(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    loss: str,
+    layer: str,
+    part: str = "H",
+    *,
+    batch_size: int | None = None,
+    dtype=np.float64,
+    device: str | torch.device | None = None,
+    memory: int = LAYER_GGN_MEMORY,
+    route: str = "auto",
+) -> TorchOperator:
+    """The exact block ``part`` ("H" or "H_O") of one layer as a p×p ``LinearOperator``.
+
+    Routes (``op.route`` records the one taken):
+
+    - "layer-ggn": :class:`LayerGGN`, for H_O, and for H where the functional part vanishes on
+      the layer (:func:`~kfacbound.curvature.exact.functional_part_vanishes`), when its stored
+      Jacobians fit in ``memory`` bytes;
+    - "hvp" / "ggnvp": Hessian- (GGN-) vector products through the network (the gradient graph
+      cached when it fits, :class:`~kfacbound.curvature.operators.CurvatureProblem`).
+
+    ``route="auto"`` (default) takes "layer-ggn" for convolutions, where a network product
+    also runs every layer above the block at every position (measured at n = 2,000, float64,
+    1 thread: 6–10× fewer seconds per product on ResNet-8's layer2/layer3 convolutions, 1.7× on
+    LeNet-5's conv2, after a set-up of C reverse passes), and products through the network for
+    Linear layers, whose product costs the same two GEMMs either way (LeNet-5 fc1: 0.6×).
+    "layer-ggn" forces it where it is valid; "hvp" always multiplies through the network."""
+    from .exact import functional_part_vanishes
+
+    tdtype = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}.get(
+        np.dtype(dtype))
+    if tdtype is None:
+        raise KfacboundError("operator dtype must be float64 or float32")
+    if part not in ("H", "H_O"):
+        raise KfacboundError(f"part must be 'H' or 'H_O', not {part!r}")
+    if route not in ROUTES:
+        raise KfacboundError(f"route must be one of {', '.join(ROUTES)}, not {route!r}")
+    problem = CurvatureProblem(model, X, y, loss, [layer], batch_size=batch_size, dtype=tdtype,
+                               device=device)
+    entry = problem.selection.entries[0]
+    wanted = route == "layer-ggn" or (route == "auto" and entry.kind == "layer"
+                                      and entry.rule.kind == "conv")
+    if (wanted and entry.kind == "layer" and LayerGGN.memory_bytes(problem, layer) <= memory
+            and (part == "H_O" or functional_part_vanishes(problem))):
+        problem.clear_graphs()
+        op = TorchOperator(LayerGGN(problem).matmat, problem.p, problem, dtype=dtype)
+        op.route = "layer-ggn"
+        return op
+    op = TorchOperator(problem.hvp if part == "H" else problem.ggnvp, problem.p, problem,
+                       dtype=dtype)
+    op.route = "hvp" if part == "H" else "ggnvp"
+    return op
