@@ -45,6 +45,8 @@ run bench_kfac "$PY" benchmarks/bench_kfac.py --device "$DEV" "${KFAC_ARGS[@]}" 
     --json "$OUT/bench_kfac_${SUFFIX}.json"
 run bench_dense_hessian "$PY" benchmarks/bench_dense_hessian.py --device "$DEV" $QUICK \
     --skip-loop --json "$OUT/bench_dense_hessian_${SUFFIX}.json"
+run bench_layer_ggn "$PY" benchmarks/bench_layer_ggn.py --device "$DEV" $QUICK \
+    --json "$OUT/bench_layer_ggn_${SUFFIX}.json"
 run bench_lanczos "$PY" benchmarks/bench_lanczos.py --device "$DEV" $QUICK \
     --json "$OUT/bench_lanczos_${SUFFIX}.json"
 run bench_memory "$PY" benchmarks/bench_memory.py --device "$DEV" $QUICK \

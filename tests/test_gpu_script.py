@@ -22,7 +22,8 @@ def test_gpu_script_dry_run(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     logs = {p.name: p.read_text()[-2000:] for p in tmp_path.glob("*.log")}
     assert proc.returncode == 0, (proc.stderr, logs)
-    for name in ("bench_kfac", "bench_dense_hessian", "bench_lanczos", "bench_memory"):
+    for name in ("bench_kfac", "bench_dense_hessian", "bench_layer_ggn", "bench_lanczos",
+                 "bench_memory"):
         data = json.loads((tmp_path / f"{name}_dryrun.json").read_text())
         rows = data["rows"]
         assert rows and all("peak_rss_mib" in r for r in rows), name
