@@ -13,15 +13,7 @@ from kfacbound.curvature.operators import CurvatureProblem
 from kfacbound.errors import KfacboundError
 
 from .conftest import over_cases
-from .test_exact import DT, _lambda, _reference
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from .test_exact import DT, _lambda, _one_thread, _reference  # noqa: F401 (autouse fixture)
 
 
 def _layers(model):

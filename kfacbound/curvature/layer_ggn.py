@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import KfacboundError
-from .operators import CurvatureProblem, TorchOperator
+from .operators import CurvatureProblem, TorchOperator, operator_dtype
 
 LAYER_GGN_MEMORY = 2 * 2**30  # bytes of B, a and Λ kept by LayerGGN (default budget)
 SETUP_BATCH = 512  # examples per reverse pass when B is formed
@@ -156,10 +156,7 @@ def exact_block_operator(
     "layer-ggn" forces it where it is valid; "hvp" always multiplies through the network."""
     from .exact import functional_part_vanishes
 
-    tdtype = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}.get(
-        np.dtype(dtype))
-    if tdtype is None:
-        raise KfacboundError("operator dtype must be float64 or float32")
+    tdtype = operator_dtype(dtype)
     if part not in ("H", "H_O"):
         raise KfacboundError(f"part must be 'H' or 'H_O', not {part!r}")
     if route not in ROUTES:

@@ -454,12 +454,18 @@ class TorchOperator(LinearOperator):
         return self._matvec(x)
 
 
-def _operator(kind: str, model, X, y, loss, params, batch_size, dtype, device, chunk_size,
-              cache_graph=None, graph_memory=None):
+def operator_dtype(dtype) -> torch.dtype:
+    """The torch dtype of an operator dtype (NumPy float64 or float32); KfacboundError else."""
     tdtype = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}.get(
         np.dtype(dtype))
     if tdtype is None:
         raise KfacboundError("operator dtype must be float64 or float32")
+    return tdtype
+
+
+def _operator(kind: str, model, X, y, loss, params, batch_size, dtype, device, chunk_size,
+              cache_graph=None, graph_memory=None):
+    tdtype = operator_dtype(dtype)
     problem = CurvatureProblem(model, X, y, loss, params, batch_size=batch_size,
                                chunk_size=chunk_size, dtype=tdtype, device=device,
                                cache_graph=cache_graph, graph_memory=graph_memory)
