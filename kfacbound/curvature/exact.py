@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import KfacboundError
 from ..progress import progress_bar
 from .modules import LinearRule, rule_for
-from .operators import CHUNK_MEMORY, CurvatureProblem
+from .operators import CurvatureProblem
 
 DEFAULT_MAX_PARAMS = 6000
 
@@ -66,12 +66,14 @@ def _problem(model, X, y, loss, params, batch_size, max_params, dtype, device, c
 def _dense_hessian(problem: CurvatureProblem, progress: bool,
                    structured: bool = True, ggn_shortcut: bool = True) -> torch.Tensor:
     """Dense H: the closed form :func:`_mlp_hessian` for MLPs (``structured``); else H_O when
-    ``ggn_shortcut`` and :func:`functional_part_vanishes` says H_F = 0 on this block; else
+    ``ggn_shortcut``, the selection is one block and :func:`functional_part_vanishes` says
+    H_F = 0 on it; else
     Hessian-vector products against identity columns in vmapped chunks."""
     layers = mlp_layers(problem) if structured else None
     if layers is not None:
         return _mlp_hessian(problem, layers)
-    if ggn_shortcut and functional_part_vanishes(problem):
+    # one block only: across layers H_F has cross terms, and the probe would be wasted work
+    if ggn_shortcut and len(problem.selection.entries) == 1 and functional_part_vanishes(problem):
         return _dense_ggn(problem, progress)
     p = problem.p
     H = torch.empty(p, p, dtype=problem.dtype, device=problem.device)
@@ -98,7 +100,7 @@ def functional_part_vanishes(problem: CurvatureProblem, probes: int = 2, seed: i
     ∂²f/∂W̃² = 0 almost everywhere and the layer's diagonal block of H equals its GGN block
     (Singh, Bachmann & Hofmann 2021; Wu et al., "Dissecting Hessian"). H_O then comes from
     per-example Jacobians, C backward passes, instead of p Hessian-vector products. Cross-layer
-    blocks, smooth activations (tanh, GELU, …) and MSE on such blocks fail the test and take the
+    blocks and layers followed by smooth activations (tanh, GELU, …) fail the test and take the
     Hessian-vector-product route."""
     if rtol is None:
         rtol = float(torch.finfo(problem.dtype).eps) ** 0.5
@@ -112,11 +114,12 @@ def functional_part_vanishes(problem: CurvatureProblem, probes: int = 2, seed: i
 
 
 def _dense_ggn(problem: CurvatureProblem, progress: bool) -> torch.Tensor:
-    """Dense H_O = (1/n) Σ_i J_iᵀ Λ_i J_i, over chunks of examples (J of a chunk about
-    CHUNK_MEMORY bytes): per-example Jacobians (:meth:`CurvatureProblem.jacobian`), one GEMM."""
+    """Dense H_O = (1/n) Σ_i J_iᵀ Λ_i J_i, over chunks of examples
+    (:meth:`CurvatureProblem.jacobian_chunk`): per-example Jacobians
+    (:meth:`CurvatureProblem.jacobian`), one GEMM per chunk."""
     p = problem.p
     G = torch.zeros(p, p, dtype=problem.dtype, device=problem.device)
-    step = max(1, CHUNK_MEMORY // max(1, problem.num_outputs * p * problem._itemsize))
+    step = problem.jacobian_chunk()
     chunks = [(X[i:i + step], T[i:i + step]) for X, T, _ in problem.batches()
               for i in range(0, len(X), step)]
     for X, T in progress_bar(len(chunks), "dense GGN", progress, "chunk", chunks, leave=False):

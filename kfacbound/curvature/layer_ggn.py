@@ -164,9 +164,9 @@ def exact_block_operator(
     problem = CurvatureProblem(model, X, y, loss, [layer], batch_size=batch_size, dtype=tdtype,
                                device=device)
     entry = problem.selection.entries[0]
-    wanted = route == "layer-ggn" or (route == "auto" and entry.kind == "layer"
-                                      and entry.rule.kind == "conv")
-    if (wanted and entry.kind == "layer" and LayerGGN.memory_bytes(problem, layer) <= memory
+    wanted = entry.kind == "layer" and (route == "layer-ggn" or (route == "auto"
+                                                                  and entry.rule.kind == "conv"))
+    if (wanted and LayerGGN.memory_bytes(problem, layer) <= memory
             and (part == "H_O" or functional_part_vanishes(problem))):
         problem.clear_graphs()
         op = TorchOperator(LayerGGN(problem).matmat, problem.p, problem, dtype=dtype)

@@ -400,13 +400,16 @@ class CurvatureProblem:
 
         def single(t, x):
             return self.forward(t, x[None]).reshape(-1)
-        N, C = len(X), self.num_outputs
-        step = max(1, CHUNK_MEMORY // max(1, C * self.p * self._itemsize))
+        N, step = len(X), self.jacobian_chunk()
         try:
             per_example = vmap(jacrev(single), in_dims=(None, 0))
             return torch.cat([per_example(theta, X[i:i + step]) for i in range(0, N, step)])
         except RuntimeError:  # e.g. an operation without a batching rule: batch passes
             return self.batch_jacobian(X)
+
+    def jacobian_chunk(self) -> int:
+        """Examples per chunk of per-example Jacobians: about CHUNK_MEMORY bytes of J."""
+        return max(1, CHUNK_MEMORY // max(1, self.num_outputs * self.p * self._itemsize))
 
     def batch_jacobian(self, X: torch.Tensor) -> torch.Tensor:
         """J of the outputs on X w.r.t. θ, shape (N, C, p), from the batch function: N·C
