@@ -2,7 +2,8 @@
 the network, on the layers the structure study runs Lanczos on.
 
 Networks (zoo, seeded initialisation, eval mode, float64): ResNet-8 of widths 8-16-32 with BN
-(the BatchNorm study's ``resnet8-w8``) and LeNet-5 with BN, 1×28×28 inputs; n examples of
+(the BatchNorm study's ``resnet8-w8``), LeNet-5 with BN and T-600 (784-600-10, the Lanczos
+benchmark's network), 1×28×28 inputs; n examples of
 Fashion-MNIST's training set when Debian's dataset-fashion-mnist is installed, else Gaussian
 inputs (the header says which). Blocks: every Linear/Conv layer with more than 2,000 parameters
 (the structure study's dense limit: these are the Lanczos blocks). For each block, in this one
@@ -15,7 +16,8 @@ relative difference of the two products (both are the exact H block: the layer-g
 only taken where ``functional_part_vanishes`` passed). Peak RSS per row (benchmarks/_mem.py).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_layer_ggn.py [--n 2000] [--threads 1]
-        [--products 3] [--lanczos 80] [--device cpu] [--quick] [--json out.json]
+        [--products 3] [--lanczos 80] [--device cpu] [--networks LIST] [--quick]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from kfacbound.models import build_model, resolve_spec  # noqa: E402
 NETWORKS = {
     "resnet8-w8 BN": {"arch": "resnet", "blocks": [1, 1, 1], "channels": [8, 16, 32]},
     "lenet5 BN": {"arch": "lenet5", "bn": True},
+    "T-600": {"arch": "T-600"},
 }
 
 
@@ -77,6 +80,8 @@ def main() -> None:
     ap.add_argument("--lanczos", type=int, default=80,
                     help="products of the Lanczos-sized run the ratio is taken for")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--networks", default=",".join(NETWORKS),
+                    help=f"comma-separated subset of: {', '.join(NETWORKS)}")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU dry run of gpu.sh)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -86,7 +91,8 @@ def main() -> None:
     X, y, source = _data(args.n)
     X, y = X.to(args.device), y.to(args.device)
     rows = []
-    for net, arch in NETWORKS.items():
+    for net in args.networks.split(","):
+        arch = NETWORKS[net]
         spec = resolve_spec(arch, input_shape=[1, 28, 28], num_outputs=10)
         model = build_model(spec, seed=0).to(torch.float64).eval().to(args.device)
         for layer, module in curvature_layers(model):

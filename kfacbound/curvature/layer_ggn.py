@@ -32,7 +32,10 @@ from torch import nn
 from ..errors import KfacboundError
 from .operators import CurvatureProblem, TorchOperator, operator_dtype
 
-LAYER_GGN_MEMORY = 2 * 2**30  # bytes of B, a and Λ kept by LayerGGN (default budget)
+# bytes of B, a and Λ kept by LayerGGN (default budget): 4 GiB holds every Lanczos block of the
+# BatchNorm study's ResNet-8-w8 at 8,000 examples in float64 (layer2.0.conv2: 2.8 GB), where a
+# network product costs about 5× a layer-local one (benchmarks/RESULTS.md)
+LAYER_GGN_MEMORY = 4 * 2**30
 SETUP_BATCH = 512  # examples per reverse pass when B is formed
 
 
@@ -106,17 +109,18 @@ class LayerGGN:
         V, vec = self.problem._as_matrix(V)
         out = torch.zeros_like(V)
         for j in range(V.shape[1]):
-            M = V[:, j].reshape(self.shape)
-            Mleaf = torch.zeros_like(M, requires_grad=True)
+            # the layer is linear in W̃, so z = layer(a; M) is δz itself: one layer forward per
+            # chunk, and its graph gives the weight gradient
+            M = V[:, j].reshape(self.shape).detach().requires_grad_(True)
             acc = torch.zeros_like(M)
             for B, a, Lam in self._chunks:
+                with torch.enable_grad():
+                    z = self.fn(a, M)
                 with torch.no_grad():
-                    dz = self.fn(a, M).reshape(len(a), -1, 1)
+                    dz = z.detach().reshape(len(a), -1, 1)
                     w = torch.bmm(Lam, torch.bmm(B, dz))  # (N, C, 1)
                     g = torch.bmm(B.transpose(1, 2), w)  # (N, |z|, 1)
-                with torch.enable_grad():
-                    z = self.fn(a, Mleaf)
-                    acc += torch.autograd.grad(z, Mleaf, g.reshape(z.shape))[0]
+                acc += torch.autograd.grad(z, M, g.reshape(z.shape))[0]
             out[:, j] = acc.reshape(-1) / self.problem.n
         return out[:, 0] if vec else out
 
