@@ -188,6 +188,11 @@ def test_study_page_aggregates_the_records(finished, tmp_path):
         assert row["bound"] == f"{m:.3g} ± {sd:.2g} (n=2)"
         for x in mine:  # the per-layer KLs of a record add up to its KL
             assert sum(v["kl"] for v in x["layers"].values()) == pytest.approx(x["kl"], rel=1e-9)
+    assert "3b. What the KL is made of" in text and data["kl_anatomy"]
+    for row in data["kl_anatomy"]:  # the KL rebuilt from the certificates' terms = the records'
+        match = next(r for r in data["bounds"] if all(r[c] == row[c] for c in
+                                                     ("arch", "posterior", "prior", "BN")))
+        assert row["KL"] == match["KL"] and row["seeds"] == match["seeds"]
     best = [r for r in data["bounds"] if r["posterior"] == "tighter of diag / kfac"]
     assert {r["prior"] for r in best} == {"learnt (0.5, pbb)"} and len(best) == 2
     claims = {r["claim"] for r in data["claims"]}

@@ -290,6 +290,47 @@ def test_per_layer_kl_matches_dense_kl_of_each_layer():
     assert sum(r["kl"] for r in rows) == pytest.approx(dense_kl(Q, P), rel=1e-8)
 
 
+def test_kl_anatomy_against_dense_kl_and_a_brute_force_layer_variance():
+    """kl_anatomy's parts against the dense float64 KL and the distance computed from the means;
+    its per-layer-λ KL against a brute-force minimisation of each layer's dense KL over λ."""
+    from scipy.optimize import minimize_scalar
+
+    from kfacbound.bounds import kl_anatomy
+
+    gen, init, Q = _random_kron_posterior(11)
+    with torch.no_grad():
+        for _, layer in Q.layers():
+            layer.log_std.add_(0.5 * torch.randn(layer.log_std.shape, generator=gen))
+            layer.mean.add_(0.2 * torch.randn(layer.mean.shape, generator=gen))
+    lam = 0.03
+    P = build_prior(Q, init, lam=lam)
+    cert = {"lambda": lam, "tau": None, "kl_layers": cf.layer_kl_terms(Q, P, lam=lam)}
+    a = kl_anatomy(cert)
+    assert a["kl"] == pytest.approx(dense_kl(Q, P), rel=1e-8)
+    dist, best = 0.0, 0.0
+    for path, layer in Q.layers():
+        mu = layer.mean.detach().reshape(-1).double()
+        w0 = P.center(path).reshape(-1).double()
+        d_l = float(((mu - w0) ** 2).sum()) / (2 * lam)
+        assert a["layers"][path]["distance"] == pytest.approx(d_l, rel=1e-10)
+        dist += d_l
+        q = torch.distributions.MultivariateNormal(mu, covariance_matrix=dense_cov(layer))
+
+        def kl_at(log_lam, q=q, w0=w0):
+            p = torch.distributions.MultivariateNormal(
+                w0, covariance_matrix=math.exp(log_lam) * torch.eye(len(w0), dtype=D))
+            return float(torch.distributions.kl_divergence(q, p))
+        res = minimize_scalar(kl_at, bounds=(-15.0, 5.0), method="bounded",
+                              options={"xatol": 1e-10})
+        assert a["layers"][path]["lambda_star"] == pytest.approx(math.exp(res.x), rel=1e-4)
+        best += res.fun
+    assert a["distance"] == pytest.approx(dist, rel=1e-10)
+    assert a["variance"] == pytest.approx(dense_kl(Q, P) - dist, rel=1e-8)
+    assert a["kl_layer_lambda"] == pytest.approx(best, rel=1e-8)
+    assert a["kl_layer_lambda"] <= a["kl"]
+    assert kl_anatomy(dict(cert, tau=1.0)) is None and kl_anatomy({"lambda": lam}) is None
+
+
 def test_recompute_checks_per_layer_kl(trained):
     X, y, init, model = trained
     cert = json.loads(json.dumps(cf.certify_checkpoint(

@@ -8,7 +8,9 @@ checkpoints (training histories), nothing else; sections:
 2. **Certified bounds** per (architecture, posterior, BN): bound, KL, SNN error on the bound
    set, SNN and deterministic test error, seconds per certificate, mean ± sd over seeds.
 3. **Per-layer KL** (the mechanism): each layer's KL(Q‖P) share, BN against no BN, per
-   posterior; from the certificates' ``kl_layers`` (which :func:`recompute_certificate` checks).
+   posterior; from the certificates' ``kl_layers`` (which :func:`recompute_certificate` checks);
+   then (3b) what the KL is made of: the distance and variance parts and the KL the same Q would
+   have with one prior variance per layer (:func:`kfacbound.bounds.certificate.kl_anatomy`).
 4. **Structure claims** (:mod:`kfacbound.analysis.claims`): the paper's claim, our measurement
    with seed spread, verdict; a summary table counting verdicts per claim and architecture.
 5. **Figures**: bounds and KL per variant, per-layer KL, overlap against k (exact and K-FAC, BN
@@ -174,6 +176,40 @@ def layer_kl_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"{mean_sd(s['kl'])[0] / s['k'][0]:.3g}" if s and s["k"][0] else "")
             row[f"_kl ({side})"] = mean_sd(s["kl"])[0] if s else None
         rows.append(row)
+    return rows
+
+
+def kl_anatomy_rows(records: list[dict[str, Any]], batch_dir: Path) -> list[dict[str, Any]]:
+    """Rows per (arch, posterior, prior, BN), mean ± sd over seeds, of what each certificate's KL
+    is made of (:func:`kfacbound.bounds.certificate.kl_anatomy`, read from the certificate files
+    in ``artifacts/``): the distance part ‖μ − w0‖²/2λ, the variance part, λ, ‖μ − w0‖², the mean
+    posterior variance tr Σ/k, and the KL of the same Q with one prior variance per layer."""
+    from ..bounds.certificate import kl_anatomy
+
+    cells: dict[tuple[str, str, str, bool], list[dict[str, float]]] = {}
+    for r in _ok(records, "bound"):
+        rel = (r.get("result") or {}).get("certificate")
+        if not rel or not (batch_dir / rel).exists():
+            continue
+        cert = json.loads((batch_dir / rel).read_text())
+        a = kl_anatomy(cert)
+        if a is None:
+            continue
+        t = cert["kl_terms"]
+        cells.setdefault((_label(r), *_variant(r), bool(r["config"]["bn"])), []).append({
+            **a, "sq_dist": float(t["sq_dist"]), "mean_var": float(t["trace_sigma"]) / t["k"]})
+    rows = []
+    for (arch, post, prior, bn), xs in cells.items():
+        col = {key: [x[key] for x in xs] for key in xs[0]}
+        kl, dist, star = (mean_sd(col[key])[0] for key in ("kl", "distance", "kl_layer_lambda"))
+        rows.append({"arch": arch, "posterior": post, "prior": prior, "BN": _bn(bn),
+                     "seeds": len(xs), "KL": _spread(col["kl"]),
+                     "distance ‖μ−w0‖²/2λ": _spread(col["distance"]),
+                     "distance share": f"{dist / kl:.0%}" if kl else "",
+                     "variance part": _spread(col["variance"]), "λ": _spread(col["lambda"]),
+                     "‖μ−w0‖²": _spread(col["sq_dist"]), "tr Σ / k": _spread(col["mean_var"]),
+                     "KL, one λ per layer (same Q)": _spread(col["kl_layer_lambda"]),
+                     "saved by per-layer λ": f"{1 - star / kl:.1%}" if kl else ""})
     return rows
 
 
@@ -358,17 +394,18 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
     train, curves = training_rows(records, batch_dir)
     bounds = bound_table(records)
     kl_layers = layer_kl_rows(records)
+    anatomy = kl_anatomy_rows(records, batch_dir)
     cells = structure_cells(records, batch_dir)
     claims = claim_rows(cells) if cells else []
     summary = claim_summary(claims)
     cost = cost_rows(records)
-    for name, rows in (("training", train), ("bounds", bounds), ("kl_layers", kl_layers),
-                       ("claims", claims), ("claims_summary", summary), ("cost", cost)):
+    tables = {"training": train, "bounds": bounds, "kl_layers": kl_layers,
+              "kl_anatomy": anatomy, "claims": claims, "claims_summary": summary, "cost": cost}
+    for name, rows in tables.items():
         if rows:
             _write_csv(out / f"study_{name}.csv", rows)
-    write_json_atomic(out / "study.json", {
-        "training": _public(train), "bounds": _public(bounds), "kl_layers": _public(kl_layers),
-        "claims": claims, "claims_summary": summary, "cost": cost}, indent=1)
+    write_json_atomic(out / "study.json", {name: _public(rows) for name, rows in tables.items()},
+                      indent=1)
     figs = {"bounds": _plot_bounds(bounds, out / "study_bounds.png"),
             "kl": _plot_layer_kl(kl_layers, out / "study_kl_layers.png"),
             "overlap": _plot_overlap(cells, out / "study_overlap.png"),
@@ -403,6 +440,16 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
         "total and KL per parameter, without and with BN.",
         kl_layers, "(no certificates with per-layer KL)", figs["kl"] and "study_kl_layers.png")
     parts += _section(
+        "3b. What the KL is made of",
+        "For the isotropic prior N(w0, λI): KL = ‖μ − w0‖²/2λ (the distance part: the mean moved "
+        "from the prior's) + ½[tr Σ/λ − k + k ln λ − ln det Σ] (the variance part), at the "
+        "certified λ. The last columns give the KL of the same posterior if each layer had its "
+        "own prior variance λ_l = (tr Σ_l + ‖μ_l − w0_l‖²)/k_l (no grid penalty: the most that "
+        "matching the prior to each layer's scale, e.g. BN's folded scales, could save for this "
+        "Q; a diagnostic, not a bound). Computed from the certificates' `kl_layers` "
+        "(`kfacbound.bounds.kl_anatomy`).",
+        anatomy, "(no isotropic-prior certificates with per-layer terms)", None)
+    parts += _section(
         "4. Dissecting-Hessian claims",
         "Verdict rules are fixed in `kfacbound/analysis/claims.py` (module docstring). Overlaps "
         "are between networks trained with different seeds (mean ± sd over seed pairs); "
@@ -417,8 +464,7 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
         parts += ["## Failed jobs", ""] + [f"- `{r['key'][:12]}` {r['kind']} {_label(r)}: "
                                            f"{str(r.get('error', ''))[:200]}" for r in failed]
         parts.append("")
-    parts += ["CSV: " + ", ".join(f"`study_{n}.csv`" for n in ("training", "bounds", "kl_layers",
-                                                         "claims", "claims_summary", "cost"))
+    parts += ["CSV: " + ", ".join(f"`study_{n}.csv`" for n in tables)
               + "; everything in `study.json`.", ""]
     path = out / "study.md"
     write_text_atomic(path, "\n".join(parts))

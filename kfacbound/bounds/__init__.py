@@ -19,6 +19,7 @@ from .certificate import (
     Certificate,
     bound_after_trials,
     certify_posterior,
+    kl_anatomy,
     recompute_certificate,
 )
 from .certify import certify_checkpoint
@@ -51,7 +52,7 @@ __all__ = [
     "all_bounds", "bound_after_trials", "build_posterior", "build_prior", "catoni_bound",
     "certify_checkpoint",
     "certify_posterior", "complexity", "dr_bound", "grid_candidates", "grid_j", "grid_lambda",
-    "grid_penalty", "kl_bernoulli",
+    "grid_penalty", "kl_anatomy", "kl_bernoulli",
     "kl_gaussian_isotropic", "kl_inv", "lambda_bound", "maurer_bound", "mc_error_bound",
     "mcallester_bound", "optimize_posterior", "posterior_family", "quadratic_bound",
     "recompute_certificate", "register_family",

@@ -199,6 +199,40 @@ def _check_layer_kl(d: Mapping[str, Any], lam: float, kron: bool) -> None:
                                  f"terms ({kl} against {r['kl']})")
 
 
+def kl_anatomy(d: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the KL of an isotropic-prior certificate is made of, from its JSON alone.
+
+    With P = N(w0, λI) at the certified λ and, per layer l, the ``kl_layers`` statistics
+    (‖μ_l − w0_l‖², tr Σ_l, ln det Σ_l, k_l):
+
+    - ``distance``: Σ_l ‖μ_l − w0_l‖² / (2λ), the part paid for moving the mean from the
+      prior's; ``variance``: the rest, ½ Σ_l [tr Σ_l/λ − k_l + k_l ln λ − ln det Σ_l];
+    - ``kl_layer_lambda``: the KL of the *same* Q under one prior variance per layer, each at
+      its minimiser λ_l* = (tr Σ_l + ‖μ_l − w0_l‖²)/k_l, i.e. Σ_l ½[k_l ln λ_l* − ln det Σ_l],
+      with no union-bound cost for choosing the λ_l: KL − ``kl_layer_lambda`` is the most that
+      matching the prior variance to each layer's scale could save for this Q (a diagnostic,
+      not a bound: a certificate with per-layer variances pays a grid penalty per layer).
+    - ``layers``: {layer: {distance, variance, lambda_star}}.
+
+    Returns None for certificates without per-layer terms or with the curvature prior (τ set).
+    """
+    rows = d.get("kl_layers")
+    if not rows or d.get("tau") is not None:
+        return None
+    lam = float(d["lambda"])
+    layers, dist, var, star = {}, 0.0, 0.0, 0.0
+    for r in rows:
+        k = _integer(r["k"], "k")
+        sq, tr, ld = float(r["sq_dist"]), float(r["trace_sigma"]), float(r["logdet_sigma"])
+        d_l = sq / (2 * lam)
+        v_l = 0.5 * (tr / lam - k + k * math.log(lam) - ld)
+        lam_l = (tr + sq) / k
+        layers[r["layer"]] = {"distance": d_l, "variance": v_l, "lambda_star": lam_l}
+        dist, var, star = dist + d_l, var + v_l, star + 0.5 * (k * math.log(lam_l) - ld)
+    return {"kl": dist + var, "distance": dist, "variance": var, "kl_layer_lambda": star,
+            "lambda": lam, "layers": layers}
+
+
 def certify_posterior(
     posterior: GaussianPosterior,
     prior: IsotropicPrior,
