@@ -198,6 +198,8 @@ def test_ggn_shortcut_is_taken_exactly_where_the_functional_block_vanishes(case)
         G_ref = _dense_ggn(problem, False)
         truth = bool((H_ref - G_ref).abs().max() <= 1e-12 * H_ref.abs().max())
         assert functional_part_vanishes(problem) == truth, label
+        # on a random 4 of the 9 examples the test decides as the full data does
+        assert functional_part_vanishes(problem, max_examples=4, seed=1) == truth, label
         if not smooth and case.loss == "ce":
             assert truth, label  # one layer of a ReLU / eval-BN / residual network
         H = _dense_hessian(problem, False, structured=False)
@@ -206,6 +208,20 @@ def test_ggn_shortcut_is_taken_exactly_where_the_functional_block_vanishes(case)
         assert torch.allclose(problem.batch_jacobian(X), J_ref, atol=1e-12), label
     both = _problem(model, X, y, case.loss, labels[:2], None, None, DT, None, None)
     assert not functional_part_vanishes(both)  # cross-layer terms
+
+
+def test_problem_subset_is_the_problem_on_those_examples():
+    X, y = _data((5,), 3, n=13)
+    model = _mlp(3, act=nn.Tanh, bn=False, seed=4)
+    idx = torch.tensor([0, 3, 4, 9, 12])
+    full = _problem(model, X, y, "ce", ["3"], None, None, DT, None, None)
+    direct = _problem(model, X[idx], y[idx], "ce", ["3"], None, None, DT, None, None)
+    v = torch.randn(full.p, generator=torch.Generator().manual_seed(0), dtype=DT)
+    sub = full.subset(idx)
+    assert sub.n == 5 and full.n == 13
+    assert torch.allclose(sub.hvp(v), direct.hvp(v), atol=1e-14)
+    assert torch.allclose(sub.ggnvp(v), direct.ggnvp(v), atol=1e-14)
+    assert not torch.allclose(full.hvp(v), direct.hvp(v), atol=1e-6)  # the full problem is intact
 
 
 @over_cases()

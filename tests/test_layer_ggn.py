@@ -38,6 +38,12 @@ def test_layer_ggn_products_match_the_autograd_ggn_block(case, monkeypatch):
         V = torch.randn(problem.p, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
         assert torch.allclose(ggn.matmat(V), G_ref @ V, atol=1e-12, rtol=1e-10), layer
         assert torch.allclose(ggn.matmat(V[:, 0]), G_ref @ V[:, 0], atol=1e-12), layer
+        monkeypatch.setattr(lg, "DENSE_CHUNK_MEMORY", 1)  # one example per chunk
+        dense = LayerGGN(problem, keep=False).dense()
+        monkeypatch.undo()
+        assert torch.allclose(dense, G_ref, atol=1e-12, rtol=1e-10), layer
+        assert torch.allclose(LayerGGN(problem, keep=False).dense(), G_ref, atol=1e-12,
+                              rtol=1e-10), layer
         # the route for H: layer-local exactly where H equals its GGN block on this layer
         op = exact_block_operator(model, X, y, case.loss, layer, "H", route="layer-ggn")
         equal = bool((H_ref - G_ref).abs().max() <= 1e-12 * H_ref.abs().max())
@@ -67,5 +73,15 @@ def test_memory_budget_and_shared_weights_fall_back_or_fail_clearly(case):
     Xs = torch.randn(5, 3, dtype=DT)
     with pytest.raises(KfacboundError, match="more than once"):
         LayerGGN(CurvatureProblem(twice, Xs, torch.arange(5) % 3, "ce", ["0"]))
+    # the dense GGN of a shared layer falls back to per-example Jacobians of the network
+    from kfacbound.curvature.exact import _dense_ggn
+
+    ys = torch.arange(5) % 3
+    dense = _dense_ggn(CurvatureProblem(twice, Xs, ys, "ce", ["0"]), False)
+    _, J, T = _reference(twice, Xs, ys, "ce", ["0"])
+    with torch.no_grad():
+        F = twice(Xs)
+    G_ref = torch.einsum("ncp,ncd,ndq->pq", J, _lambda("ce", F, T), J) / 5
+    assert torch.allclose(dense, G_ref, atol=1e-12, rtol=1e-10)
     with pytest.raises(KfacboundError, match="exactly one"):
         LayerGGN(CurvatureProblem(model, X, y, "ce", _layers(model)[:2]))

@@ -37,6 +37,7 @@ from .operators import CurvatureProblem, TorchOperator, operator_dtype
 # network product costs about 5× a layer-local one (benchmarks/RESULTS.md)
 LAYER_GGN_MEMORY = 4 * 2**30
 SETUP_BATCH = 512  # examples per reverse pass when B is formed
+DENSE_CHUNK_MEMORY = 2**29  # bytes of B, input rows and J per chunk of LayerGGN.dense
 
 
 class LayerGGN:
@@ -46,7 +47,7 @@ class LayerGGN:
     Stores, per chunk of at most SETUP_BATCH examples, B (N, C, |z|), the layer input a and
     Λ (N, C, C): :meth:`memory_bytes` predicts the total before anything is formed."""
 
-    def __init__(self, problem: CurvatureProblem):
+    def __init__(self, problem: CurvatureProblem, keep: bool = True):
         entries = problem.selection.entries
         if len(entries) != 1 or entries[0].kind != "layer":
             raise KfacboundError("LayerGGN needs a selection of exactly one Linear/Conv layer")
@@ -56,11 +57,7 @@ class LayerGGN:
         self.fn = entries[0].rule.function(self.module)
         self.shape = tuple(entries[0].rule.layer_matrix(self.module).shape)
         self.p = problem.p
-        self._chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for X, T, _ in problem.batches():
-            for i in range(0, len(X), SETUP_BATCH):
-                self._chunks.append(self._backpropagate(X[i:i + SETUP_BATCH],
-                                                        T[i:i + SETUP_BATCH]))
+        self._chunks = list(self.chunks()) if keep else []  # keep=False: for dense() only
 
     @staticmethod
     def memory_bytes(problem: CurvatureProblem, layer: str) -> int:
@@ -78,6 +75,39 @@ class LayerGGN:
             h.remove()
         C = problem.num_outputs
         return problem.n * (C * sizes["z"] + sizes["a"] + C * C) * problem._itemsize
+
+    def chunks(self, size: int = SETUP_BATCH):
+        """(B, a, Λ) of each chunk of at most ``size`` examples of the problem's batches."""
+        for X, T, _ in self.problem.batches():
+            for i in range(0, len(X), size):
+                yield self._backpropagate(X[i:i + size], T[i:i + size])
+
+    def dense(self) -> torch.Tensor:
+        """The dense block H_O,ll (p × p) without keeping B: per chunk, the per-example Jacobians
+        J_i[c] = Σ_t B_i[c, :, t] ã_{i,t}ᵀ (z_t = W̃ ã_t at each output position t; ã the
+        layer's input rows, :meth:`~kfacbound.curvature.modules.CurvatureRule.rows`) by one
+        batched GEMM, then H_O,ll += J_iᵀ Λ_i J_i; divided by n. Chunks hold B, ã and J of at
+        most DENSE_CHUNK_MEMORY bytes."""
+        entry = self.problem.selection.entries[0]
+        C, out = self.problem.num_outputs, self.shape[0]
+        p, item = self.p, self.problem._itemsize
+        G = torch.zeros(p, p, dtype=self.problem.dtype, device=self.problem.device)
+        size = None
+        for X, T, _ in self.problem.batches():
+            if size is None:  # bytes per example from one example's B and rows
+                B1, a1, _ = self._backpropagate(X[:1], T[:1])
+                r1 = entry.rule.rows(self.module, a1)
+                size = max(1, min(SETUP_BATCH, DENSE_CHUNK_MEMORY // (
+                    (B1.numel() + r1.numel() + C * p) * item)))
+            for i in range(0, len(X), size):
+                B, a, Lam = self._backpropagate(X[i:i + size], T[i:i + size])
+                rows = entry.rule.rows(self.module, a)  # (N, T, D + 1)
+                J = torch.einsum("ncot,ntd->ncod", B.reshape(len(a), C, out, rows.shape[1]),
+                                 rows).reshape(len(a), C, p)
+                LJ = torch.bmm(Lam, J)
+                G += J.reshape(-1, p).T @ LJ.reshape(-1, p)
+        G /= self.problem.n
+        return (G + G.T) / 2
 
     def _backpropagate(self, X: torch.Tensor, T: torch.Tensor):
         """(B, a, Λ) of one chunk: B[i, c] = ∂f_c(x_i)/∂z_i by C reverse passes to the layer
