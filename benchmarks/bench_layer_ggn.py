@@ -15,6 +15,13 @@ time for a Lanczos-sized run of --lanczos products (set-up + products) and their
 relative difference of the two products (both are the exact H block: the layer-ggn route is
 only taken where ``functional_part_vanishes`` passed). Peak RSS per row (benchmarks/_mem.py).
 
+Second table (``dense_rows``): the blocks with at most 2,000 parameters, which the structure
+study forms densely: ``exact_hessian`` (the functional-part probe, then H = H_O from
+``LayerGGN.dense``: C reverse passes per chunk and one batched GEMM with the layer's input rows)
+against the same probe followed by per-example Jacobians of the network (``vmap`` of
+``jacrev``, ``_dense_ggn(..., layer_local=False)``: the path before 2026-12-07), best of
+--repeat, and their largest relative difference.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_layer_ggn.py [--n 2000] [--threads 1]
         [--products 3] [--lanczos 80] [--device cpu] [--networks LIST] [--quick]
         [--json out.json]
@@ -35,8 +42,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from _mem import PeakMemory  # noqa: E402
 
+from kfacbound.curvature.exact import (  # noqa: E402
+    _dense_ggn,
+    exact_hessian,
+    functional_part_vanishes,
+)
 from kfacbound.curvature.layer_ggn import exact_block_operator  # noqa: E402
 from kfacbound.curvature.layout import curvature_layers, layer_size  # noqa: E402
+from kfacbound.curvature.operators import CurvatureProblem  # noqa: E402
 from kfacbound.models import build_model, resolve_spec  # noqa: E402
 
 NETWORKS = {
@@ -72,11 +85,36 @@ def _route(model, X, y, layer, route, products, device):
     return op.route, setup, per, first, mem.record()
 
 
+def _dense(model, X, y, layer, repeat, device):
+    """(seconds of exact_hessian, of probe + vmap Jacobians, max rel. diff, peak RSS MiB)."""
+    def ours():
+        return exact_hessian(model, X, y, "ce", [layer], device=device)
+
+    def vmapped():
+        problem = CurvatureProblem(model, X, y, "ce", [layer], device=device)
+        assert functional_part_vanishes(problem)
+        return _dense_ggn(problem, False, layer_local=False).cpu()
+    times, mats, peak = {}, {}, 0.0
+    for name, fn in (("ours", ours), ("vmap", vmapped)):
+        with PeakMemory(device) as mem:
+            best = None
+            for _ in range(repeat):
+                t = time.perf_counter()
+                mats[name] = fn()
+                dt = time.perf_counter() - t
+                best = dt if best is None else min(best, dt)
+        times[name] = best
+        peak = max(peak, mem.record()["peak_rss_mib"])
+    diff = float((mats["ours"] - mats["vmap"]).abs().max() / mats["vmap"].abs().max())
+    return times["ours"], times["vmap"], diff, peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--products", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1, help="best of R for the dense table")
     ap.add_argument("--lanczos", type=int, default=80,
                     help="products of the Lanczos-sized run the ratio is taken for")
     ap.add_argument("--device", default="cpu")
@@ -90,14 +128,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     X, y, source = _data(args.n)
     X, y = X.to(args.device), y.to(args.device)
-    rows = []
+    rows, dense_rows = [], []
     for net in args.networks.split(","):
         arch = NETWORKS[net]
         spec = resolve_spec(arch, input_shape=[1, 28, 28], num_outputs=10)
         model = build_model(spec, seed=0).to(torch.float64).eval().to(args.device)
+        small = [name for name, m in curvature_layers(model) if layer_size(m) <= 2000]
+        if small:  # warm-up of the dense path
+            exact_hessian(model, X[:2], y[:2], "ce", small[:1], device=args.device)
         for layer, module in curvature_layers(model):
             p = layer_size(module)
             if p <= 2000:
+                t_o, t_v, diff, peak = _dense(model, X, y, layer, args.repeat, args.device)
+                dense_rows.append({"network": net, "layer": layer, "p": p, "exact_hessian_s": t_o,
+                                   "vmap_jacobians_s": t_v, "ratio": t_v / t_o,
+                                   "max_rel_diff": diff, "peak_rss_mib": peak})
                 continue
             r_l, s_l, t_l, v_l, m_l = _route(model, X, y, layer, "layer-ggn", args.products,
                                              args.device)
@@ -122,10 +167,20 @@ def main() -> None:
               f"{r['layer_ggn_setup_s']:.2f} | {r['layer_ggn_product_s']:.3f} | "
               f"{r['hvp_product_s']:.3f} | {r['product_ratio']:.1f}x | "
               f"{r['lanczos_ratio']:.1f}x | {r['rel_diff']:.0e} | {r['peak_rss_mib']:.0f} |")
+    print(f"\n# dense blocks (p <= 2000), n = {args.n} ({source}), float64, best of "
+          f"{args.repeat}")
+    print("| network | layer | p | exact_hessian s | probe + vmap Jacobians s | ratio | "
+          "max rel. diff | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in dense_rows:
+        print(f"| {r['network']} | {r['layer']} | {r['p']} | {r['exact_hessian_s']:.2f} | "
+              f"{r['vmap_jacobians_s']:.2f} | {r['ratio']:.1f}x | {r['max_rel_diff']:.0e} | "
+              f"{r['peak_rss_mib']:.0f} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"header": header, "n": args.n, "threads": args.threads,
-                       "device": args.device, "rows": rows}, fh, indent=2)
+                       "device": args.device, "rows": rows, "dense_rows": dense_rows}, fh,
+                      indent=2)
 
 
 if __name__ == "__main__":

@@ -127,15 +127,17 @@ def functional_part_vanishes(problem: CurvatureProblem, probes: int = 2, seed: i
     return bool(torch.all(num <= rtol * den))
 
 
-def _dense_ggn(problem: CurvatureProblem, progress: bool) -> torch.Tensor:
+def _dense_ggn(problem: CurvatureProblem, progress: bool, layer_local: bool = True
+               ) -> torch.Tensor:
     """Dense H_O = (1/n) Σ_i J_iᵀ Λ_i J_i, over chunks of examples
     (:meth:`CurvatureProblem.jacobian_chunk`): per-example Jacobians
     (:meth:`CurvatureProblem.jacobian`), one GEMM per chunk. A selection of one Linear/Conv
     layer forms J_i from the backpropagated output Jacobians instead
     (:meth:`~kfacbound.curvature.layer_ggn.LayerGGN.dense`: C plain reverse passes per chunk
-    and one batched GEMM with the layer's input rows, no vmap over examples)."""
+    and one batched GEMM with the layer's input rows, no vmap over examples) unless
+    ``layer_local`` is False."""
     entries = problem.selection.entries
-    if len(entries) == 1 and entries[0].kind == "layer":
+    if layer_local and len(entries) == 1 and entries[0].kind == "layer":
         from .layer_ggn import LayerGGN
 
         try:
