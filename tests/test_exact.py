@@ -214,14 +214,19 @@ def test_problem_subset_is_the_problem_on_those_examples():
     X, y = _data((5,), 3, n=13)
     model = _mlp(3, act=nn.Tanh, bn=False, seed=4)
     idx = torch.tensor([0, 3, 4, 9, 12])
-    full = _problem(model, X, y, "ce", ["3"], None, None, DT, None, None)
-    direct = _problem(model, X[idx], y[idx], "ce", ["3"], None, None, DT, None, None)
+    full = _problem(model, X, y, "ce", ["3"], 4, None, DT, None, None)  # batches of 4
+    fresh = _problem(model, X, y, "ce", ["3"], 4, None, DT, None, None)
+    direct = _problem(model, X[idx], y[idx], "ce", ["3"], 4, None, DT, None, None)
     v = torch.randn(full.p, generator=torch.Generator().manual_seed(0), dtype=DT)
+    full.hvp(v), full.ggnvp(v)  # fill the parent's caches first
     sub = full.subset(idx)
     assert sub.n == 5 and full.n == 13
     assert torch.allclose(sub.hvp(v), direct.hvp(v), atol=1e-14)
     assert torch.allclose(sub.ggnvp(v), direct.ggnvp(v), atol=1e-14)
-    assert not torch.allclose(full.hvp(v), direct.hvp(v), atol=1e-6)  # the full problem is intact
+    # the full problem is intact: its own products, caches included
+    assert torch.allclose(full.hvp(v), fresh.hvp(v), atol=1e-14)
+    assert torch.allclose(full.ggnvp(v), fresh.ggnvp(v), atol=1e-14)
+    assert not torch.allclose(full.hvp(v), direct.hvp(v), atol=1e-6)
 
 
 @over_cases()

@@ -38,9 +38,9 @@ def test_layer_ggn_products_match_the_autograd_ggn_block(case, monkeypatch):
         V = torch.randn(problem.p, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
         assert torch.allclose(ggn.matmat(V), G_ref @ V, atol=1e-12, rtol=1e-10), layer
         assert torch.allclose(ggn.matmat(V[:, 0]), G_ref @ V[:, 0], atol=1e-12), layer
-        monkeypatch.setattr(lg, "DENSE_CHUNK_MEMORY", 1)  # one example per chunk
-        dense = LayerGGN(problem, keep=False).dense()
-        monkeypatch.undo()
+        with monkeypatch.context() as m:
+            m.setattr(lg, "DENSE_CHUNK_MEMORY", 1)  # one example per chunk
+            dense = LayerGGN(problem, keep=False).dense()
         assert torch.allclose(dense, G_ref, atol=1e-12, rtol=1e-10), layer
         assert torch.allclose(LayerGGN(problem, keep=False).dense(), G_ref, atol=1e-12,
                               rtol=1e-10), layer
@@ -85,3 +85,42 @@ def test_memory_budget_and_shared_weights_fall_back_or_fail_clearly(case):
     assert torch.allclose(dense, G_ref, atol=1e-12, rtol=1e-10)
     with pytest.raises(KfacboundError, match="exactly one"):
         LayerGGN(CurvatureProblem(model, X, y, "ce", _layers(model)[:2]))
+
+
+def _tied() -> nn.Module:
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    return nn.Sequential(a, nn.ReLU(), b, nn.ReLU(), nn.Linear(3, 4))
+
+
+@pytest.mark.parametrize("name", ["same-padding conv", "linear on 3-d inputs", "tied weights"])
+def test_layers_the_input_rows_do_not_describe_fall_back_to_network_jacobians(name):
+    """Dense H_O of layer "0" against the autograd reference where LayerGGN.dense must not be
+    used (string conv padding, a Linear on [N, L, in] inputs, weights tied to another
+    module): the fallback gives the exact block, and the operator route avoids layer-ggn."""
+    from kfacbound.curvature.exact import _dense_ggn
+
+    torch.manual_seed(0)
+    if name == "same-padding conv":
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding="same"), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(3 * 5 * 5, 4))
+        X = torch.randn(6, 2, 5, 5, dtype=DT)
+    elif name == "linear on 3-d inputs":
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2, 4))
+        X = torch.randn(6, 2, 4, dtype=DT)
+    else:
+        model = _tied()
+        X = torch.randn(6, 3, dtype=DT)
+    model = model.to(DT)
+    y = torch.arange(6) % 4
+    dense = _dense_ggn(CurvatureProblem(model, X, y, "ce", ["0"]), False)
+    _, J, T = _reference(model, X, y, "ce", ["0"])
+    with torch.no_grad():
+        F = model(X)
+    G_ref = torch.einsum("ncp,ncd,ndq->pq", J, _lambda("ce", F, T), J) / len(X)
+    assert torch.allclose(dense, G_ref, atol=1e-12, rtol=1e-10)
+    if name == "tied weights":
+        op = exact_block_operator(model, X, y, "ce", "0", "H_O", route="layer-ggn")
+        assert op.route == "ggnvp"
+        Z = np.random.default_rng(0).standard_normal((G_ref.shape[0], 2))
+        assert np.allclose(op.matmat(Z), G_ref.numpy() @ Z, atol=1e-12)

@@ -100,10 +100,14 @@ def functional_part_vanishes(problem: CurvatureProblem, probes: int = 2, seed: i
 
     The test runs on a seeded random subset of ``max_examples`` examples (all when None or
     when n is smaller): H_F = (1/n) Σ_i H_F,i vanishes example by example where it vanishes at
-    all (the piecewise-linear maps below), and a smooth nonlinearity above the layer makes
-    H_F,i ≠ 0 for almost every example, so the subset decides as the full set would at a
-    fraction of its cost (four network products on 128 examples instead of on n; the probes
-    were half of a structure job's time at n = 1,000).
+    all (the piecewise-linear maps below), and a smooth nonlinearity above the layer (tanh,
+    sigmoid, GELU, softplus) makes H_F,i ≠ 0 for almost every example, so the subset decides
+    as the full set would at a fraction of its cost (four network products on 128 examples
+    instead of on n; the probes were half of a structure job's time at n = 1,000). This is a
+    heuristic: a network whose functional part lives on a few examples only (an activation
+    curved on a narrow interval, a smooth branch that a ReLU gates off for most inputs, MSE
+    with most residuals exactly zero) could pass on the subset and not on all n; pass
+    ``max_examples=None`` to test on every example.
 
     Why it pays: for networks that are piecewise linear in their parameters one layer at a time
     — ReLU/max-pool/affine layers, eval-mode BatchNorm, residual additions — the output is

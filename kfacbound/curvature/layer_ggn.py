@@ -57,6 +57,11 @@ class LayerGGN:
         self.fn = entries[0].rule.function(self.module)
         self.shape = tuple(entries[0].rule.layer_matrix(self.module).shape)
         self.p = problem.p
+        own = {id(t) for t in self.module.parameters(recurse=False)}
+        for name, m in problem.model.named_modules(remove_duplicate=False):
+            if m is not self.module and any(id(t) in own for t in m.parameters(recurse=False)):
+                raise KfacboundError(f"layer {self.label!r} shares its parameters with {name!r} "
+                                     "(tied weights): no per-layer GGN block")
         self._chunks = list(self.chunks()) if keep else []  # keep=False: for dense() only
 
     @staticmethod
@@ -87,8 +92,11 @@ class LayerGGN:
         J_i[c] = Σ_t B_i[c, :, t] ã_{i,t}ᵀ (z_t = W̃ ã_t at each output position t; ã the
         layer's input rows, :meth:`~kfacbound.curvature.modules.CurvatureRule.rows`) by one
         batched GEMM, then H_O,ll += J_iᵀ Λ_i J_i; divided by n. Chunks hold B, ã and J of at
-        most DENSE_CHUNK_MEMORY bytes."""
+        about DENSE_CHUNK_MEMORY bytes. Raises :class:`KfacboundError` (callers fall back to
+        the network's per-example Jacobians) for layers the input rows do not describe (conv
+        padding given as a string, a Linear layer on inputs of more than two dimensions)."""
         entry = self.problem.selection.entries[0]
+        entry.rule.check(self.module, self.label)
         C, out = self.problem.num_outputs, self.shape[0]
         p, item = self.p, self.problem._itemsize
         G = torch.zeros(p, p, dtype=self.problem.dtype, device=self.problem.device)
@@ -97,8 +105,11 @@ class LayerGGN:
             if size is None:  # bytes per example from one example's B and rows
                 B1, a1, _ = self._backpropagate(X[:1], T[:1])
                 r1 = entry.rule.rows(self.module, a1)
-                size = max(1, min(SETUP_BATCH, DENSE_CHUNK_MEMORY // (
-                    (B1.numel() + r1.numel() + C * p) * item)))
+                if B1.shape[2] != out * r1.shape[1]:
+                    raise KfacboundError(f"layer {self.label!r}: {B1.shape[2]} outputs per "
+                                         f"example are not {out} × {r1.shape[1]} positions")
+                size = max(1, min(SETUP_BATCH, DENSE_CHUNK_MEMORY // (  # B, rows, J and ΛJ
+                    (B1.numel() + r1.numel() + 2 * C * p) * item)))
             for i in range(0, len(X), size):
                 B, a, Lam = self._backpropagate(X[i:i + size], T[i:i + size])
                 rows = entry.rule.rows(self.module, a)  # (N, T, D + 1)
@@ -125,6 +136,9 @@ class LayerGGN:
         try:
             with torch.enable_grad():
                 F = self.problem.model(X).reshape(len(X), -1)
+                if "z" not in captured:
+                    raise KfacboundError(f"layer {self.label!r} is not called in the forward "
+                                         "pass")
                 z = captured["z"]
                 C = F.shape[1]
                 B = torch.stack([torch.autograd.grad(F[:, c].sum(), z, retain_graph=c < C - 1)[0]
@@ -202,10 +216,15 @@ def exact_block_operator(
                                                                   and entry.rule.kind == "conv"))
     if (wanted and LayerGGN.memory_bytes(problem, layer) <= memory
             and (part == "H_O" or functional_part_vanishes(problem))):
-        problem.clear_graphs()
-        op = TorchOperator(LayerGGN(problem).matmat, problem.p, problem, dtype=dtype)
-        op.route = "layer-ggn"
-        return op
+        try:
+            ggn = LayerGGN(problem)
+        except KfacboundError:  # shared or tied weights: products through the network
+            ggn = None
+        if ggn is not None:
+            problem.clear_graphs()
+            op = TorchOperator(ggn.matmat, problem.p, problem, dtype=dtype)
+            op.route = "layer-ggn"
+            return op
     op = TorchOperator(problem.hvp if part == "H" else problem.ggnvp, problem.p, problem,
                        dtype=dtype)
     op.route = "hvp" if part == "H" else "ggnvp"

@@ -274,13 +274,13 @@ class CurvatureProblem:
 
     def subset(self, idx: torch.Tensor) -> CurvatureProblem:
         """The same problem on the examples ``idx`` (the mean loss over them): shares the model,
-        parameters and selection, with its own data, batches and caches."""
+        parameters, selection and ``cache_graph`` setting, with its own data, batches and
+        caches."""
         sub = copy.copy(self)
         sub.X, sub.targets = self.X[idx], self.targets[idx]
         sub.n = len(sub.X)
         sub.batch_size = min(self.batch_size, sub.n)
         sub._lambda_cache, sub._graphs = {}, {}
-        sub.cache_graph = self.cache_graph or sub.graph_bytes() <= sub.graph_memory
         return sub
 
     def loss(self, theta: torch.Tensor | None = None) -> float:
