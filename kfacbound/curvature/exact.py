@@ -33,8 +33,9 @@ from torch import nn
 
 from ..errors import KfacboundError
 from ..progress import progress_bar
+from .layer_ggn import LayerGGN
 from .modules import LinearRule, rule_for
-from .operators import CurvatureProblem
+from .operators import CurvatureProblem, functional_part_vanishes
 
 DEFAULT_MAX_PARAMS = 6000
 
@@ -87,50 +88,6 @@ def _dense_hessian(problem: CurvatureProblem, progress: bool,
     return (H + H.T) / 2
 
 
-PROBE_EXAMPLES = 128  # examples the functional-part test runs on (a seeded random subset)
-
-
-def functional_part_vanishes(problem: CurvatureProblem, probes: int = 2, seed: int = 0,
-                             rtol: float | None = None,
-                             max_examples: int | None = PROBE_EXAMPLES) -> bool:
-    """Whether H_F = H − H_O is zero on the selected block, tested with Gaussian probes v:
-    ‖(H − H_O) v‖ ≤ rtol · ‖H v‖ for every probe (rtol default √eps of the dtype: 1.5e-8 in
-    float64). A non-zero H_F is found with probability 1 (M v = 0 has measure zero for M ≠ 0),
-    so a pass means H_F is zero up to rtol.
-
-    The test runs on a seeded random subset of ``max_examples`` examples (all when None or
-    when n is smaller): H_F = (1/n) Σ_i H_F,i vanishes example by example where it vanishes at
-    all (the piecewise-linear maps below), and a smooth nonlinearity above the layer (tanh,
-    sigmoid, GELU, softplus) makes H_F,i ≠ 0 for almost every example, so the subset decides
-    as the full set would at a fraction of its cost (four network products on 128 examples
-    instead of on n; the probes were half of a structure job's time at n = 1,000). This is a
-    heuristic: a network whose functional part lives on a few examples only (an activation
-    curved on a narrow interval, a smooth branch that a ReLU gates off for most inputs, MSE
-    with most residuals exactly zero) could pass on the subset and not on all n; pass
-    ``max_examples=None`` to test on every example.
-
-    Why it pays: for networks that are piecewise linear in their parameters one layer at a time
-    — ReLU/max-pool/affine layers, eval-mode BatchNorm, residual additions — the output is
-    piecewise linear in a single layer's [W | b] (z = W̃x̃ enters a piecewise-linear map), so
-    ∂²f/∂W̃² = 0 almost everywhere and the layer's diagonal block of H equals its GGN block
-    (Singh, Bachmann & Hofmann 2021; Wu et al., "Dissecting Hessian"). H_O then comes from
-    per-example Jacobians, C backward passes, instead of p Hessian-vector products. Cross-layer
-    blocks and layers followed by smooth activations (tanh, GELU, …) fail the test and take the
-    Hessian-vector-product route."""
-    if rtol is None:
-        rtol = float(torch.finfo(problem.dtype).eps) ** 0.5
-    gen = torch.Generator().manual_seed(seed)
-    if max_examples is not None and problem.n > max_examples:
-        idx = torch.randperm(problem.n, generator=gen)[:max_examples].sort().values
-        problem = problem.subset(idx.to(problem.X.device))
-    V = torch.randn(problem.p, probes, generator=gen, dtype=problem.dtype).to(problem.device)
-    HV = torch.stack([problem.hvp(V[:, j]) for j in range(probes)], 1)
-    GV = torch.stack([problem.ggnvp(V[:, j]) for j in range(probes)], 1)
-    num = torch.linalg.vector_norm(HV - GV, dim=0)
-    den = torch.linalg.vector_norm(HV, dim=0)
-    return bool(torch.all(num <= rtol * den))
-
-
 def _dense_ggn(problem: CurvatureProblem, progress: bool, layer_local: bool = True
                ) -> torch.Tensor:
     """Dense H_O = (1/n) Σ_i J_iᵀ Λ_i J_i, over chunks of examples
@@ -142,8 +99,6 @@ def _dense_ggn(problem: CurvatureProblem, progress: bool, layer_local: bool = Tr
     ``layer_local`` is False."""
     entries = problem.selection.entries
     if layer_local and len(entries) == 1 and entries[0].kind == "layer":
-        from .layer_ggn import LayerGGN
-
         try:
             return LayerGGN(problem, keep=False).dense()
         except KfacboundError:  # a layer called twice per forward (shared weights)

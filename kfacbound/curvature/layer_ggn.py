@@ -18,7 +18,7 @@ keeps B, the layer inputs a and Λ. A product is then local to the layer:
 whole network (each costs several forward passes of the model).
 
 It is the exact *Hessian* block wherever the functional part H_F vanishes on the layer, which
-:func:`~kfacbound.curvature.exact.functional_part_vanishes` tests (single layers of ReLU /
+:func:`~kfacbound.curvature.operators.functional_part_vanishes` tests (single layers of ReLU /
 max-pool / eval-BN / residual networks); :func:`exact_block_operator` picks it then, and the
 Hessian-vector-product operator otherwise.
 """
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import KfacboundError
-from .operators import CurvatureProblem, TorchOperator, operator_dtype
+from .operators import CurvatureProblem, TorchOperator, functional_part_vanishes, operator_dtype
 
 # bytes of B, a and Λ kept by LayerGGN (default budget): 4 GiB holds every Lanczos block of the
 # BatchNorm study's ResNet-8-w8 at 8,000 examples in float64 (layer2.0.conv2: 2.8 GB), where a
@@ -191,7 +191,7 @@ def exact_block_operator(
     Routes (``op.route`` records the one taken):
 
     - "layer-ggn": :class:`LayerGGN`, for H_O, and for H where the functional part vanishes on
-      the layer (:func:`~kfacbound.curvature.exact.functional_part_vanishes`), when its stored
+      the layer (:func:`~kfacbound.curvature.operators.functional_part_vanishes`), when its stored
       Jacobians fit in ``memory`` bytes;
     - "hvp" / "ggnvp": Hessian- (GGN-) vector products through the network (the gradient graph
       cached when it fits, :class:`~kfacbound.curvature.operators.CurvatureProblem`).
@@ -202,8 +202,6 @@ def exact_block_operator(
     LeNet-5's conv2, after a set-up of C reverse passes), and products through the network for
     Linear layers, whose product costs the same two GEMMs either way (LeNet-5 fc1: 0.6×).
     "layer-ggn" forces it where it is valid; "hvp" always multiplies through the network."""
-    from .exact import functional_part_vanishes
-
     tdtype = operator_dtype(dtype)
     if part not in ("H", "H_O"):
         raise KfacboundError(f"part must be 'H' or 'H_O', not {part!r}")
