@@ -24,6 +24,7 @@ def _layers(model):
 @over_cases()
 def test_layer_ggn_products_match_the_autograd_ggn_block(case, monkeypatch):
     import kfacbound.curvature.layer_ggn as lg
+    import kfacbound.curvature.operators as operators
 
     monkeypatch.setattr(lg, "SETUP_BATCH", 4)  # 9 examples: chunks of 4, 4, 1
     model = case.model()
@@ -56,6 +57,11 @@ def test_layer_ggn_products_match_the_autograd_ggn_block(case, monkeypatch):
         auto = exact_block_operator(model, X, y, case.loss, layer, "H")
         conv = isinstance(dict(model.named_modules())[layer], nn.modules.conv._ConvNd)
         assert auto.route == ("layer-ggn" if conv and equal else "hvp"), layer
+        with monkeypatch.context() as m:  # no room for the gradient graph: Linear layers too
+            m.setattr(operators, "GRAPH_MEMORY", 0)
+            tight = exact_block_operator(model, X, y, case.loss, layer, "H")
+        assert tight.route == ("layer-ggn" if equal else "hvp"), layer
+        assert np.allclose(tight.matmat(Z), H_ref.numpy() @ Z, atol=1e-12, rtol=1e-10), layer
 
 
 @over_cases(where=lambda c: c.name == "resnet")

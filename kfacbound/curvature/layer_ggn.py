@@ -197,10 +197,12 @@ def exact_block_operator(
       cached when it fits, :class:`~kfacbound.curvature.operators.CurvatureProblem`).
 
     ``route="auto"`` (default) takes "layer-ggn" for convolutions, where a network product
-    also runs every layer above the block at every position (measured at n = 2,000, float64,
-    1 thread: 6–10× fewer seconds per product on ResNet-8's layer2/layer3 convolutions, 1.7× on
-    LeNet-5's conv2, after a set-up of C reverse passes), and products through the network for
-    Linear layers, whose product costs the same two GEMMs either way (LeNet-5 fc1: 0.6×).
+    also runs every layer above the block at every position (benchmarks/RESULTS.md, n = 2,000,
+    float64, 1 thread: 6–21× fewer seconds per product on ResNet-8's layer2/layer3
+    convolutions, 1.5–3× on LeNet-5's conv2, after a set-up of C reverse passes), and for
+    Linear layers only when the network's gradient graph is too large to keep
+    (``problem.cache_graph`` false): with the graph kept a Linear layer's product costs the
+    same two GEMMs either way (0.7–1.1×), without it every network product rebuilds the graph.
     "layer-ggn" forces it where it is valid; "hvp" always multiplies through the network."""
     tdtype = operator_dtype(dtype)
     if part not in ("H", "H_O"):
@@ -210,8 +212,8 @@ def exact_block_operator(
     problem = CurvatureProblem(model, X, y, loss, [layer], batch_size=batch_size, dtype=tdtype,
                                device=device)
     entry = problem.selection.entries[0]
-    wanted = entry.kind == "layer" and (route == "layer-ggn" or (route == "auto"
-                                                                  and entry.rule.kind == "conv"))
+    wanted = entry.kind == "layer" and (route == "layer-ggn" or (
+        route == "auto" and (entry.rule.kind == "conv" or not problem.cache_graph)))
     if (wanted and LayerGGN.memory_bytes(problem, layer) <= memory
             and (part == "H_O" or functional_part_vanishes(problem))):
         try:
