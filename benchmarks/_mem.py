@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 
 import torch
 
@@ -77,3 +78,19 @@ class PeakMemory:
             out["cuda_peak_mib"] = round(self.cuda_peak / MiB, 1)
             out["cuda_increase_mib"] = round((self.cuda_peak - self.cuda_start) / MiB, 1)
         return out
+
+
+def best_of_runs(fn, repeat: int, device: str) -> tuple[float, object, dict]:
+    """(best wall seconds of ``repeat`` calls of ``fn``, its last result, the peak-memory record
+    of the call with the largest peak RSS)."""
+    best, out, mem = float("inf"), None, {}
+    for _ in range(repeat):
+        out = None
+        with PeakMemory(device) as m:
+            t = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - t)
+        rec = m.record()
+        if not mem or rec["peak_rss_mib"] > mem["peak_rss_mib"]:
+            mem = rec
+    return best, out, mem

@@ -25,14 +25,13 @@ import json
 import os
 import platform
 import sys
-import time
 
 import torch
 from torch.func import functional_call
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _mem import PeakMemory  # noqa: E402  (benchmarks/ is on sys.path as the script dir)
+from _mem import best_of_runs  # noqa: E402  (benchmarks/ is the script dir)
 
 from kfacbound.curvature.exact import _dense_hessian, _problem, exact_hessian  # noqa: E402
 from kfacbound.curvature.layout import torch_to_layout_index  # noqa: E402
@@ -50,20 +49,6 @@ def _data(n: int):
         g = torch.Generator().manual_seed(0)
         return (torch.randn(n, 64, generator=g, dtype=torch.float64),
                 torch.randint(0, 10, (n,), generator=g), "gaussian")
-
-
-def _best(fn, repeat: int, device: str) -> tuple[float, torch.Tensor, dict]:
-    best, out, mem = float("inf"), None, {}
-    for _ in range(repeat):
-        out = None
-        with PeakMemory(device) as m:
-            t = time.perf_counter()
-            out = fn()
-            best = min(best, time.perf_counter() - t)
-        rec = m.record()
-        if not mem or rec["peak_rss_mib"] > mem["peak_rss_mib"]:
-            mem = rec
-    return best, out, mem
 
 
 def _layer_block(args, sync) -> tuple[str, list]:
@@ -107,11 +92,11 @@ def _layer_block(args, sync) -> tuple[str, list]:
         sync()
         return H[idx][:, idx].cpu()
     ours()
-    t_ours, H, mem = _best(ours, args.repeat, args.device)
+    t_ours, H, mem = best_of_runs(ours, args.repeat, args.device)
     rows = [("kfacbound exact_hessian (H = H_O: per-example Jacobians)", t_ours, 0.0, mem)]
     for name, fn in (("kfacbound generic path (vmapped HVPs of identity columns)", generic),
                      ("torch.func.hessian", func_hessian)):
-        t, R, m = _best(fn, args.repeat, args.device)
+        t, R, m = best_of_runs(fn, args.repeat, args.device)
         rows.append((name, t, float((R - H).abs().max()), m))
     header = (f"dense layer block {layer} (p = {theta.numel()}) of ResNet-8 4-8-16 with BN, "
               f"1x28x28 Gaussian inputs, n = {args.layer_n}, float64, device {args.device}, "
@@ -197,7 +182,7 @@ def main() -> None:
         return H[idx][:, idx].cpu()
 
     ours()  # warm-up (functorch set-up)
-    t_ours, H, mem = _best(ours, args.repeat, args.device)
+    t_ours, H, mem = best_of_runs(ours, args.repeat, args.device)
     rows = [("kfacbound exact_hessian (MLP closed form)", t_ours, 0.0, mem)]
     refs = [("kfacbound generic path (vmapped HVPs of identity columns)", ours_generic),
             ("torch.func.hessian", func_hessian),
@@ -205,7 +190,7 @@ def main() -> None:
     if not args.skip_loop:
         refs.append(("torch.autograd.functional.hessian (default loop)", autograd_loop))
     for name, fn in refs:
-        t, R, mem = _best(fn, 1 if "loop" in name else args.repeat, args.device)
+        t, R, mem = best_of_runs(fn, 1 if "loop" in name else args.repeat, args.device)
         rows.append((name, t, float((R - H).abs().max()), mem))
         del R
     header = (f"dense Hessian, fc 64-{'-'.join(map(str, widths))}-10 tanh, p = {p}, n = {args.n} "

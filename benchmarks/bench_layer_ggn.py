@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _mem import PeakMemory  # noqa: E402
+from _mem import PeakMemory, best_of_runs  # noqa: E402
 
 from kfacbound.curvature.exact import (  # noqa: E402
     _dense_ggn,
@@ -95,19 +95,10 @@ def _dense(model, X, y, layer, repeat, device):
         problem = CurvatureProblem(model, X, y, "ce", [layer], device=device)
         assert functional_part_vanishes(problem)
         return _dense_ggn(problem, False, layer_local=False).cpu()
-    times, mats, peak = {}, {}, {}
-    for name, fn in (("ours", ours), ("vmap", vmapped)):
-        with PeakMemory(device) as mem:
-            best = None
-            for _ in range(repeat):
-                t = time.perf_counter()
-                mats[name] = fn()
-                dt = time.perf_counter() - t
-                best = dt if best is None else min(best, dt)
-        times[name] = best
-        peak[name] = mem.record()["peak_rss_mib"]
-    diff = float((mats["ours"] - mats["vmap"]).abs().max() / mats["vmap"].abs().max())
-    return times["ours"], times["vmap"], diff, peak["ours"], peak["vmap"]
+    t_o, G_o, m_o = best_of_runs(ours, repeat, device)
+    t_v, G_v, m_v = best_of_runs(vmapped, repeat, device)
+    diff = float((G_o - G_v).abs().max() / G_v.abs().max())
+    return t_o, t_v, diff, m_o["peak_rss_mib"], m_v["peak_rss_mib"]
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ def _dense_ggn(problem: CurvatureProblem, progress: bool, layer_local: bool = Tr
     if layer_local and len(entries) == 1 and entries[0].kind == "layer":
         try:
             return LayerGGN(problem, keep=False).dense()
-        except KfacboundError:  # a layer called twice per forward (shared weights)
+        except KfacboundError:  # shared/tied weights, rows that do not describe the layer
             pass
     p = problem.p
     G = torch.zeros(p, p, dtype=problem.dtype, device=problem.device)
