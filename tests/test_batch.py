@@ -219,6 +219,45 @@ posterior = ["diag", "kfac"]
     assert job["options"]["posterior"] == ["diag", "kfac"]
 
 
+def test_an_analysis_can_be_limited_to_some_architectures():
+    text = """
+seeds = [0, 1]
+bn = [false, true]
+datasets = ["digits"]
+[[architectures]]
+arch = "fc"
+widths = [8]
+label = "small"
+[[architectures]]
+arch = "fc"
+widths = [16]
+label = "big"
+[train]
+epochs = 1
+[[analyses]]
+kind = "bound"
+iterations = 3
+[[analyses]]
+kind = "bound"
+iterations = 5
+architectures = ["big"]
+"""
+    spec = parse_spec(text)
+    counts: dict[tuple, int] = {}
+    for j in spec.jobs:
+        if j.kind == "bound":
+            cell = (j.config["label"]["arch"], j.config["options"]["iterations"])
+            counts[cell] = counts.get(cell, 0) + 1
+    assert counts == {("small", 3): 4, ("big", 3): 4, ("big", 5): 4}  # 2 seeds × 2 bn each
+    # the filter is not an option: the unfiltered jobs of the big network keep their keys
+    unfiltered = parse_spec(text.replace('architectures = ["big"]\n', ""))
+    assert {j.key for j in spec.jobs} < {j.key for j in unfiltered.jobs}
+    with pytest.raises(KfacboundError, match="'huge' are not in the grid"):
+        parse_spec(text.replace('["big"]', '["huge"]'))
+    with pytest.raises(KfacboundError, match="non-empty list"):
+        parse_spec(text.replace('["big"]', '"big"'))
+
+
 # ---------------------------------------------------------------------------- records
 
 
@@ -558,19 +597,22 @@ def test_the_bn_study_keeps_its_job_keys():
         p = j.config["options"].get("posterior")
         return tuple(p) if isinstance(p, list) else p
     keys = {(j.kind, j.config["label"]["arch"], j.config["bn"], j.config.get("seed"), post(j),
-             j.config["options"].get("max_examples")): j.key for j in spec.jobs}
-    # 18 trainings, 54 bounds, 12 structure jobs, and since 2026-12-07 (results/README.md) 18
-    # certificates with the best recipe of that day
-    assert len(spec.jobs) == 102
+             j.config["options"].get("max_examples") or j.config["options"].get("iterations")):
+            j.key for j in spec.jobs}
+    # 18 trainings, 54 bounds, 12 structure jobs; since the morning of 2026-12-07
+    # (results/README.md) 12 certificates with the best recipe of then (MLP-600 and LeNet-5),
+    # since its evening 18 with the best recipe of now (Q started at Q = P, 500 steps)
+    assert len(spec.jobs) == 114
     assert keys[("train", "mlp-600", False, 0, None, None)].startswith("1889ff8d889e0cf2")
-    assert keys[("bound", "mlp-600", False, 0, "diag", None)].startswith("8b65e0328969cd9c")
+    assert keys[("bound", "mlp-600", False, 0, "diag", 2000)].startswith("8b65e0328969cd9c")
     free = [j.key for j in spec.jobs if j.kind == "bound" and j.config["seed"] == 0
             and j.config["label"]["arch"] == "mlp-600" and not j.config["bn"]
             and j.config["options"]["prior_split"] is None]
     assert free == ["e3c58e197d9c2d0e1a1e986ff0937dba6b35beef2d6ae33445d44d9b29cc6330"]
     assert keys[("structure", "mlp-600", False, None, None, 2000)].startswith("176a3abb383aff63")
     assert keys[("structure", "mlp-600", False, None, None, 8000)].startswith("9e6fe5cf19aa2ca5")
-    assert keys[("bound", "mlp-600", False, 0, ("diag", "kfac"), None)].startswith("b1d725be3b78")
+    assert keys[("bound", "mlp-600", False, 0, ("diag", "kfac"), 4000)].startswith("b1d725be3b78")
+    assert keys[("bound", "mlp-600", False, 0, ("diag", "kfac"), 500)].startswith("6b63f2d9d5ce")
 
 
 def test_architecture_train_overrides_and_key_neutral_schedule():

@@ -227,14 +227,24 @@ def test_cli_bound_writes_certificate(tmp_path):
         save_checkpoint(ckpt, model, spec, init_model=init, dataset=ds.spec, loss="bce",
                         note="pad")
     out = tmp_path / "cert.json"
-    res = CliRunner().invoke(main, ["bound", str(ckpt), "--posterior", "diag",
+    res = CliRunner().invoke(main, ["bound", str(ckpt), "--recipe", "dr", "--posterior", "diag",
                                     "--iterations", "20", "--mc-passes", "2", "--no-progress",
                                     "-o", str(out)])
     assert res.exit_code == 0, res.output
     cert = json.loads(out.read_text())
-    assert cert["n"] == 200 and cert["mc_samples"] == 400
+    assert cert["n"] == 200 and cert["mc_samples"] == 400 and cert["prior"]["center"] == "init"
     assert cert["bound"] == pytest.approx(independent_recompute(cert), abs=1e-9)
     assert "bound" in res.output
+    # the command's default recipe: a learnt prior on half the data, Q started equal to P
+    res = CliRunner().invoke(main, ["bound", str(ckpt), "--prior-epochs", "2", "--iterations",
+                                    "5", "--mc-passes", "1", "--no-progress", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    cert = json.loads(out.read_text())
+    assert "recipe default: " in res.output and cert["recipe"]["name"] == "default"
+    assert cert["n"] == 100 and cert["prior"]["prior_n"] == 100
+    assert cert["std_init"] == 0.002 and cert["optimizer"]["iterations"] == 5
+    assert cert["kl_start"] == pytest.approx(0.0, abs=1e-6)  # Q = P: σ₀² = λ, μ = prior mean
+    assert cert["bound"] == pytest.approx(independent_recompute(cert), abs=1e-9)
     res = CliRunner().invoke(main, ["bound", str(ckpt), "--delta", "2", "--no-progress",
                                     "-o", str(out)])
     assert res.exit_code == 2

@@ -38,6 +38,7 @@ Format (every key optional unless marked; unknown keys are errors)::
     [[analyses]]                   # one table per analysis
     kind = "bound"                 # required: a registered job kind (kfacbound.batch.jobs)
     iterations = 2000              # every other key is an option of that kind
+    architectures = ["fc32"]       # optional: only the cells of these architecture labels
     [analyses.grid]                # optional: one job per value (cartesian product)
     posterior = ["diag", "kfac"]
 
@@ -340,6 +341,11 @@ def _analyses(raw: dict[str, Any], kinds: dict[str, Any], where: str) -> list[di
                                "an analysis is a kind name or a table with 'kind'", where):
         kind = entry.pop("kind")
         grid = entry.pop("grid", {})
+        only = entry.pop("architectures", None)
+        if only is not None and (not isinstance(only, list) or not only
+                                 or not all(isinstance(a, str) for a in only)):
+            raise KfacboundError(f"{here}: architectures must be a non-empty list of "
+                                 "architecture labels")
         if kind in ("train", "import"):
             raise KfacboundError(f"{here}: {kind} jobs are implied; use [train] or checkpoints")
         if kind in kinds:
@@ -364,7 +370,7 @@ def _analyses(raw: dict[str, Any], kinds: dict[str, Any], where: str) -> list[di
                     options = spec_kind.resolve_options(options)
                 except KfacboundError as exc:
                     raise KfacboundError(f"{here}: {exc}") from None
-            out.append({"kind": kind, "options": options})
+            out.append({"kind": kind, "options": options, "architectures": only, "where": here})
     return out
 
 
@@ -490,12 +496,21 @@ def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
 
     ds_axis = datasets or [(None, None)]
     arch_axis = archs or [(None, None)]
+    arch_labels = {label for _, label in archs} | {g[1] for g in groups}
     for analysis in analyses:
-        kind, options = analysis["kind"], analysis["options"]
+        kind, options, only = analysis["kind"], analysis["options"], analysis["architectures"]
+        if only is not None:
+            unknown = sorted(set(only) - arch_labels)
+            if unknown:
+                raise KfacboundError(
+                    f"{analysis['where']}: architectures {', '.join(map(repr, unknown))} are not "
+                    f"in the grid; its labels: {', '.join(sorted(map(str, arch_labels)))}")
         needs = needs_of(kind)
         if needs == "none":
             for (ds, ds_label), (arch, arch_label), bn, seed in itertools.product(
                     ds_axis, arch_axis, bns, seeds):
+                if only is not None and arch_label not in only:
+                    continue
                 add({"kind": kind, "dataset": ds,
                      "arch": None if arch is None else dict(arch, bn=bn), "bn": bn,
                      "seed": seed, "options": copy.deepcopy(options),
@@ -503,6 +518,8 @@ def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
             continue
         for members in groups.values():
             first = members[0].config
+            if only is not None and first["label"]["arch"] not in only:
+                continue
             base = {"kind": kind, "dataset": first["dataset"], "arch": first["arch"],
                     "bn": first["bn"], "options": copy.deepcopy(options),
                     "label": {"dataset": first["label"]["dataset"],
