@@ -182,7 +182,7 @@ def test_study_page_aggregates_the_records(finished, tmp_path):
         mine = [r["result"] for r in recs if r["config"]["bn"] == bn]
         vals = [x["bound"] for x in mine]
         row = next(r for r in data["bounds"] if r["BN"] == side
-                   and r["prior"] == "data-free (w0)")
+                   and r["prior"] == "data-free (w0; Q from |w|, 10 steps)")
         assert row["seeds"] == len(vals) == 2
         m, sd = np.mean(vals), np.std(vals, ddof=1)
         assert row["bound"] == f"{m:.3g} ± {sd:.2g} (n=2)"
@@ -194,7 +194,8 @@ def test_study_page_aggregates_the_records(finished, tmp_path):
                                                      ("arch", "posterior", "prior", "BN")))
         assert row["KL"] == match["KL"] and row["seeds"] == match["seeds"]
     best = [r for r in data["bounds"] if r["posterior"] == "tighter of diag / kfac"]
-    assert {r["prior"] for r in best} == {"learnt (0.5, pbb)"} and len(best) == 2
+    assert {r["prior"] for r in best} == {
+        "learnt (0.5, pbb, 1 ep, dropout 0.2; Q from σ₀ = 0.002, 5 steps)"} and len(best) == 2
     claims = {r["claim"] for r in data["claims"]}
     assert {"overlap", "rank1", "alignment", "outliers", "kfac", "bn_overlap"} <= claims
     assert (tmp_path / "study" / "study_overlap.png").exists()

@@ -116,11 +116,18 @@ BOUND_FIELDS = [("bound", "bound"), ("kl", "KL"), ("snn_train_error", "SNN error
 
 
 def _prior(options: dict[str, Any]) -> str:
-    """The prior of a bound job, as the tables name it."""
+    """The prior of a bound job and how Q was fitted, as the tables name them, e.g. "learnt (0.5,
+    pbb, 30 ep, dropout 0.2; Q from σ₀ = 0.002, 500 steps)": enough to tell two recipes apart."""
     split = options.get("prior_split")
+    std = options.get("std_init", "dr")
+    fit = (f"Q from {'|w|' if std == 'dr' else std if isinstance(std, str) else f'σ₀ = {std:g}'}"
+           f", {options.get('iterations')} steps")
     if split is None:
-        return "data-free (w0)"
-    return f"learnt ({split:g}, {options.get('prior_scheme', 'pbb')})"
+        return f"data-free (w0; {fit})"
+    dropout = options.get("prior_dropout") or 0
+    return (f"learnt ({split:g}, {options.get('prior_scheme', 'pbb')}, "
+            f"{options.get('prior_epochs')} ep{f', dropout {dropout:g}' if dropout else ''}; "
+            f"{fit})")
 
 
 def _variant(r: dict[str, Any]) -> tuple[str, str]:
@@ -232,6 +239,12 @@ def structure_cells(records: list[dict[str, Any]], batch_dir: Path
 # ----------------------------------------------------------------------------- figures
 
 
+def _short_prior(prior: str) -> str:
+    """"learnt, 500 st" for a :func:`_prior` label: the kind of prior and the posterior steps."""
+    steps = prior.rsplit(", ", 1)[-1].split(" steps")[0]
+    return f"{prior.split(' (')[0]}, {steps} st"
+
+
 def _plot_bounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
     from ..analysis.plots import save_figure, subplots_grid
 
@@ -248,7 +261,8 @@ def _plot_bounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
                         and r["BN"] == side), math.nan) for g in groups]
             ax.bar(xs, ys, width=0.38, label=side)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{a}\n{p}\n{q.split(' (')[0]}" for a, p, q in groups], fontsize=6)
+        ax.set_xticklabels([f"{a}\n{p.replace('tighter of ', '')}\n{_short_prior(q)}"
+                            for a, p, q in groups], fontsize=6)
         ax.set_ylabel(ylabel)
         if log:
             ax.set_yscale("log")
