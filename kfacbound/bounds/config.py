@@ -32,10 +32,11 @@ from .posteriors import STD_INITS
 from .prior import DEFAULT_PRIOR_DROPOUT, DEFAULT_PRIOR_EPOCHS, check_prior_options
 from .select import Selection
 
-# Default optimiser: Dziugaite & Roy's RMSprop, 20,000 steps of batch 100 at lr 1e-3 (means, stds
-# and λ alike). The faster recipe "fast" (RECIPES) was 3.4× faster end to end but 0.004 looser on
-# binary Fashion-MNIST T-600 in the same-run comparison (benchmarks/RESULTS.md, "Certificate
-# time"), so it is not the default.
+# CertifyConfig's optimiser defaults (the recipe "dr"): Dziugaite & Roy's RMSprop, 20,000 steps
+# of batch 100 at lr 1e-3 (means, stds and λ alike). "fast" (RECIPES) is 3.4× faster end to end
+# but 0.004 looser on binary Fashion-MNIST T-600; the command's default recipe "default" (learnt
+# prior, Q = P start, 500 steps) is 6.3× faster than "dr" and 2.2× tighter there
+# (benchmarks/RESULTS.md, "Certificate time").
 DEFAULT_ITERATIONS = 20000
 DEFAULT_LR = 1e-3
 DEFAULT_MEAN_LR: float | None = None  # None: the same as DEFAULT_LR
@@ -231,8 +232,8 @@ _LEARNT_PRIOR = {"prior_split": 0.5, "prior_scheme": "pbb", "prior_epochs": DEFA
 #:   the training set (PBB scheme, :data:`.prior.DEFAULT_PRIOR_EPOCHS` = 30 SGD epochs with
 #:   dropout 0.2), the bound certified on the other half — and the diagonal posterior started at
 #:   Q = P (:data:`LEARNT_STD_INIT`) for :data:`LEARNT_ITERATIONS` steps of the fast optimiser
-#:   settings. On binary Fashion-MNIST T-600 it certified 0.0715 against 0.1567 for "dr" in
-#:   about a seventh of the time (benchmarks/RESULTS.md, "Certificate time").
+#:   settings. On binary Fashion-MNIST T-600 it certified 0.0717 against 0.1739 for "dr" (diag;
+#:   0.1575 with K-FAC), 6.3× faster end to end (benchmarks/RESULTS.md, "Certificate time").
 #: - "dr": Dziugaite & Roy (2017) — the data-free prior N(w0, λI), Q started at |w|, 20,000
 #:   RMSprop steps of batch 100 (:class:`CertifyConfig`'s defaults).
 #: - "fast": "dr" with :data:`FAST_OPTIMIZER` (2,000 × 500).
