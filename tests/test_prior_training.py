@@ -79,3 +79,31 @@ def test_prior_dropout_is_recorded_and_checked():
         with pytest.raises(KfacboundError, match="prior-dropout"):
             cf.certify_checkpoint(model, TensorDataset(X, y), init_model=init, prior_split=0.5,
                                   prior_dropout=bad, progress=False)
+
+
+def test_batchnorm_statistics_of_a_dropout_prior_are_those_without_dropout():
+    """After prior training with dropout, every BN layer's running mean / variance are the
+    average, over batches of the prior split, of the batch mean and unbiased batch variance of
+    the layer's input in the network *without* dropout, computed here by hand in float64."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 6),
+                        nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    X, y = torch.randn(300, 5), torch.randint(0, 3, (300,))
+    model = train_prior_mean(net, X, y, "ce", epochs=2, batch_size=50, dropout=0.4,
+                             progress=False)
+    assert not model.training
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    # the same weights, BN in train mode, no dropout: the layer inputs batch by batch
+    probe = copy.deepcopy(model).double().train()
+    seen: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    pbns = [m for m in probe.modules() if isinstance(m, nn.BatchNorm1d)]
+    for i, bn in enumerate(pbns):
+        bn.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].detach()))
+    with torch.no_grad():
+        for s in range(0, 300, 1000):  # the default batch of 1,000 holds all 300
+            probe(X[s:s + 1000].double())
+    for i, bn in enumerate(bns):
+        (inp,) = seen[i]
+        assert torch.allclose(bn.running_mean.double(), inp.mean(0), atol=1e-5)
+        assert torch.allclose(bn.running_var.double(), inp.var(0, unbiased=True), atol=1e-5)
+        assert bn.momentum == 0.1  # restored
