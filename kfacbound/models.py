@@ -642,5 +642,10 @@ def _fold_pair(layer: nn.Module, bn: nn.Module) -> nn.Module:
     return rule_for(bn).fold(layer, bn)
 
 
+def batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm module of ``model`` (any dimension), in module order."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return bool(batchnorm_modules(model))

@@ -499,17 +499,17 @@ def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
     arch_labels = {label for _, label in archs} | {g[1] for g in groups}
     for analysis in analyses:
         kind, options, only = analysis["kind"], analysis["options"], analysis["architectures"]
-        if only is not None:
-            unknown = sorted(set(only) - arch_labels)
-            if unknown:
-                raise KfacboundError(
-                    f"{analysis['where']}: architectures {', '.join(map(repr, unknown))} are not "
-                    f"in the grid; its labels: {', '.join(sorted(map(str, arch_labels)))}")
+        unknown = sorted(set(only or ()) - arch_labels)
+        if unknown:
+            raise KfacboundError(
+                f"{analysis['where']}: architectures {', '.join(map(repr, unknown))} are not "
+                f"in the grid; its labels: {', '.join(sorted(map(str, arch_labels)))}")
+        wanted = set(only) if only is not None else None
         needs = needs_of(kind)
         if needs == "none":
             for (ds, ds_label), (arch, arch_label), bn, seed in itertools.product(
                     ds_axis, arch_axis, bns, seeds):
-                if only is not None and arch_label not in only:
+                if wanted is not None and arch_label not in wanted:
                     continue
                 add({"kind": kind, "dataset": ds,
                      "arch": None if arch is None else dict(arch, bn=bn), "bn": bn,
@@ -518,7 +518,7 @@ def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
             continue
         for members in groups.values():
             first = members[0].config
-            if only is not None and first["label"]["arch"] not in only:
+            if wanted is not None and first["label"]["arch"] not in wanted:
                 continue
             base = {"kind": kind, "dataset": first["dataset"], "arch": first["arch"],
                     "bn": first["bn"], "options": copy.deepcopy(options),

@@ -120,14 +120,20 @@ def _prior(options: dict[str, Any]) -> str:
     pbb, 30 ep, dropout 0.2; Q from σ₀ = 0.002, 500 steps)": enough to tell two recipes apart."""
     split = options.get("prior_split")
     std = options.get("std_init", "dr")
-    fit = (f"Q from {'|w|' if std == 'dr' else std if isinstance(std, str) else f'σ₀ = {std:g}'}"
-           f", {options.get('iterations')} steps")
+    start = {"dr": "|w|"}.get(std, std) if isinstance(std, str) else f"σ₀ = {std:g}"
+    fit = f"Q from {start}, {options.get('iterations')} steps"
     if split is None:
         return f"data-free (w0; {fit})"
     dropout = options.get("prior_dropout") or 0
     return (f"learnt ({split:g}, {options.get('prior_scheme', 'pbb')}, "
             f"{options.get('prior_epochs')} ep{f', dropout {dropout:g}' if dropout else ''}; "
             f"{fit})")
+
+
+def _short_prior(options: dict[str, Any]) -> str:
+    """"learnt, 500 st": the kind of prior and the posterior steps, for figure labels."""
+    kind = "data-free" if options.get("prior_split") is None else "learnt"
+    return f"{kind}, {options.get('iterations')} st"
 
 
 def _variant(r: dict[str, Any]) -> tuple[str, str]:
@@ -140,13 +146,16 @@ def _variant(r: dict[str, Any]) -> tuple[str, str]:
 def bound_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows per (arch, posterior, prior, BN): mean ± sd over seeds of each certificate field."""
     cells: dict[tuple[str, str, str, bool], list[dict[str, Any]]] = {}
+    short: dict[tuple[str, str, str, bool], str] = {}
     for r in _ok(records, "bound"):
         key = (_label(r), *_variant(r), bool(r["config"]["bn"]))
         cells.setdefault(key, []).append(r["result"])
+        short[key] = _short_prior(r["config"]["options"])
     rows = []
     for (arch, post, prior, bn), res in cells.items():
         row: dict[str, Any] = {"arch": arch, "posterior": post, "prior": prior, "BN": _bn(bn),
-                               "seeds": len(res), "n": res[0].get("n")}
+                               "seeds": len(res), "n": res[0].get("n"),
+                               "_short_prior": short[(arch, post, prior, bn)]}
         for field, name in BOUND_FIELDS:
             row[name] = _spread([x.get(field) for x in res])
         row["_mean_bound"] = mean_sd([x.get("bound") for x in res])[0]
@@ -239,12 +248,6 @@ def structure_cells(records: list[dict[str, Any]], batch_dir: Path
 # ----------------------------------------------------------------------------- figures
 
 
-def _short_prior(prior: str) -> str:
-    """"learnt, 500 st" for a :func:`_prior` label: the kind of prior and the posterior steps."""
-    steps = prior.rsplit(", ", 1)[-1].split(" steps")[0]
-    return f"{prior.split(' (')[0]}, {steps} st"
-
-
 def _plot_bounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
     from ..analysis.plots import save_figure, subplots_grid
 
@@ -253,6 +256,7 @@ def _plot_bounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     fig, (ax_b, ax_k) = subplots_grid(2, ncols=2, size=(6.0, 3.6))
     groups = list(dict.fromkeys((r["arch"], r["posterior"], r["prior"]) for r in rows))
+    short = {(r["arch"], r["posterior"], r["prior"]): r["_short_prior"] for r in rows}
     for ax, field, ylabel, log in ((ax_b, "_mean_bound", "certified bound (mean over seeds)",
                                     False), (ax_k, "_mean_kl", "KL(Q‖P) (mean)", True)):
         for j, side in enumerate(("no BN", "BN")):
@@ -261,7 +265,7 @@ def _plot_bounds(rows: list[dict[str, Any]], path: Path) -> Path | None:
                         and r["BN"] == side), math.nan) for g in groups]
             ax.bar(xs, ys, width=0.38, label=side)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{a}\n{p.replace('tighter of ', '')}\n{_short_prior(q)}"
+        ax.set_xticklabels([f"{a}\n{p.replace('tighter of ', '')}\n{short[a, p, q]}"
                             for a, p, q in groups], fontsize=6)
         ax.set_ylabel(ylabel)
         if log:

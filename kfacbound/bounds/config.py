@@ -222,9 +222,11 @@ LEARNT_STD_INIT = 0.002
 #: 500 steps certified 0.0715 on binary Fashion-MNIST T-600 (KL 14), 250 steps 0.0741, 100 steps
 #: 0.2358 (the means move before λ and the stds have followed: KL 3119).
 LEARNT_ITERATIONS = 500
-_LEARNT_PRIOR = {"prior_split": 0.5, "prior_scheme": "pbb", "prior_epochs": DEFAULT_PRIOR_EPOCHS,
-                 "prior_dropout": DEFAULT_PRIOR_DROPOUT, "prior_kind": "isotropic",
-                 "objective": "pinsker"}
+#: The options of the learnt-prior recipes ("default"; "best" adds the posterior selection).
+LEARNT_RECIPE: dict[str, Any] = {
+    "prior_split": 0.5, "prior_scheme": "pbb", "prior_epochs": DEFAULT_PRIOR_EPOCHS,
+    "prior_dropout": DEFAULT_PRIOR_DROPOUT, "prior_kind": "isotropic", "objective": "pinsker",
+    **FAST_OPTIMIZER, "iterations": LEARNT_ITERATIONS, "std_init": LEARNT_STD_INIT}
 
 #: Named settings of a certificate.
 #:
@@ -244,12 +246,10 @@ _LEARNT_PRIOR = {"prior_split": 0.5, "prior_scheme": "pbb", "prior_epochs": DEFA
 #: steps (0.0947 on binary Fashion-MNIST T-600, 0.1433 on 10-class), and the command's default
 #: was "dr"; results/bn_study spells those options out in its spec.
 RECIPES: dict[str, dict[str, Any]] = {
-    "default": {**_LEARNT_PRIOR, **FAST_OPTIMIZER, "iterations": LEARNT_ITERATIONS,
-                "std_init": LEARNT_STD_INIT},
+    "default": dict(LEARNT_RECIPE),
     "dr": {},
     "fast": dict(FAST_OPTIMIZER),
-    "best": {**_LEARNT_PRIOR, **FAST_OPTIMIZER, "iterations": LEARNT_ITERATIONS,
-             "std_init": LEARNT_STD_INIT},
+    "best": dict(LEARNT_RECIPE),
 }
 #: Recipes that certify several posterior families when no posterior is given explicitly and
 #: keep the tightest certificate, under a union bound over them (each candidate at δ/m, δ′/m:

@@ -35,7 +35,7 @@ from torch import nn
 from ..curvature.layout import curvature_layers, layer_matrix
 from ..errors import KfacboundError
 from ..losses import make_loss, prepare_targets
-from ..models import fold_batchnorm, has_batchnorm
+from ..models import batchnorm_modules, fold_batchnorm, has_batchnorm
 from ..progress import progress_bar
 from .families import family_names, posterior_family
 from .inputs import CertifyInputs, num_outputs
@@ -196,7 +196,7 @@ def train_prior_mean(init_model: nn.Module, X: torch.Tensor, y: torch.Tensor, lo
         opt.step()
     for handle in hooks:
         handle.remove()
-    if hooks and has_batchnorm(model):
+    if hooks:
         recompute_batchnorm_statistics(model, X, device=device)
     return model.eval()
 
@@ -212,8 +212,11 @@ def recompute_batchnorm_statistics(model: nn.Module, X: torch.Tensor, batch_size
     deployed network runs without dropout ("variance shift", Li et al., CVPR 2019). Measured on
     the BatchNorm study's MLP-600 with BN (seed 0; benchmarks/RESULTS.md): the posterior then
     drifted far from the prior mean to make up (KL 271 against 30–40 without BN). ``X`` must be
-    the prior split only (the prior may not see the bound set)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    the prior split only (the prior may not see the bound set). A model without BatchNorm is
+    left as it is (no forward pass)."""
+    bns = batchnorm_modules(model)
+    if not bns:
+        return
     momenta = [bn.momentum for bn in bns]
     was_training = model.training
     for bn in bns:

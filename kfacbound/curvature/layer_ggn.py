@@ -216,12 +216,12 @@ def exact_block_operator(
         route == "auto" and (entry.rule.kind == "conv" or not problem.cache_graph)))
     if (wanted and LayerGGN.memory_bytes(problem, layer) <= memory
             and (part == "H_O" or functional_part_vanishes(problem))):
-        problem.clear_graphs()
         try:
             ggn = LayerGGN(problem)
         except KfacboundError:  # shared or tied weights: products through the network
             pass
         else:
+            problem.clear_graphs()  # (the network products' graphs, kept for the fallback)
             op = TorchOperator(ggn.matmat, problem.p, problem, dtype=dtype)
             op.route = "layer-ggn"
             return op
