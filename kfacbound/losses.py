@@ -62,9 +62,14 @@ def prepare_targets(name: str, y: torch.Tensor, num_outputs: int) -> torch.Tenso
 
 
 def zero_one_errors(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example 0-1 loss (a bool tensor) of ``logits`` [N, C] against integer labels ``y``."""
+    """Per-example 0-1 loss (a bool tensor) of ``logits`` [N, C] against integer labels ``y``.
+
+    An example with a non-finite logit (NaN or ±inf, e.g. from a diverged posterior sample)
+    counts as an error: argmax would pick the NaN's index and a NaN one-logit output would read
+    as class 0, both possibly "correct", which would make a certified error too small."""
     if logits.ndim == 1 or logits.shape[-1] == 1:
-        pred = (logits.reshape(-1) > 0).long()
+        flat = logits.reshape(-1)
+        pred, bad = (flat > 0).long(), ~torch.isfinite(flat)
     else:
-        pred = logits.argmax(dim=-1)
-    return pred != y.reshape(-1).long()
+        pred, bad = logits.argmax(dim=-1), ~torch.isfinite(logits).all(dim=-1)
+    return (pred != y.reshape(-1).long()) | bad

@@ -755,3 +755,20 @@ def test_select_jobs_closes_over_needs_transitively():
     assert select_jobs(jobs, [{"seed": 1}, {"kind": "curvature"}]) == {"a", "b", "d"}
     assert select_jobs(jobs, [{"kind": "nothing"}]) == set()
     assert select_jobs(jobs, []) == {"a", "b", "c", "d"}  # no filter: everything
+
+
+def test_recipe_trials_is_read_checked_and_recorded(tmp_path):
+    from kfacbound.batch import parse_spec, run_batch
+
+    base = 'name = "t"\n[[datasets]]\nname = "digits"\nsubset = 40\n[[architectures]]\n' \
+           'arch = "fc"\nwidths = [3]\n[train]\nepochs = 1\n'
+    assert parse_spec(base).recipe_trials == 1
+    spec = parse_spec("recipe_trials = 3500\n" + base)
+    assert spec.recipe_trials == 3500
+    # not part of any job key: the same jobs as without it
+    assert [j.key for j in spec.jobs] == [j.key for j in parse_spec(base).jobs]
+    for bad in ("0", "2.5", "true", '"10"'):
+        with pytest.raises(KfacboundError, match="recipe_trials"):
+            parse_spec(f"recipe_trials = {bad}\n" + base)
+    run_batch(spec, tmp_path, executor="inline", threads=1, progress=False)
+    assert json.loads((tmp_path / "batch.json").read_text())["recipe_trials"] == 3500

@@ -196,7 +196,43 @@ def test_study_page_aggregates_the_records(finished, tmp_path):
     best = [r for r in data["bounds"] if r["posterior"] == "tighter of diag / kfac"]
     assert {r["prior"] for r in best} == {
         "learnt (0.5, pbb, 1 ep, dropout 0.2; Q from σ₀ = 0.002, 5 steps)"} and len(best) == 2
+    assert not any("settings tried" in k for r in data["bounds"] for k in r)  # trials = 1
     claims = {r["claim"] for r in data["claims"]}
     assert {"overlap", "rank1", "alignment", "outliers", "kfac", "bn_overlap"} <= claims
     assert (tmp_path / "study" / "study_overlap.png").exists()
     assert (tmp_path / "study" / "study_training.png").exists()
+
+
+def test_study_page_pays_for_the_recipe_trials(finished, tmp_path):
+    """With recipe_trials = K the learnt-prior rows get the union-bounded column: per seed the
+    certificate recomputed at (δ/(m·K), δ′/(m·K)) (kl_inv by brentq here), looser than the
+    bound; data-free rows leave it empty."""
+    from kfacbound.batch.study import study_page
+    from kfacbound.bounds.pacbayes import complexity, mc_error_bound
+
+    from .test_certify import brentq_kl_inv
+
+    _, out, _ = finished
+    study_page(out, tmp_path / "study", trials=50)
+    data = json.loads((tmp_path / "study" / "study.json").read_text())
+    col = "bound, 50 settings tried"
+    recs = [r for r in latest_records(out / "results.jsonl").values() if r["kind"] == "bound"]
+    for bn, side in ((False, "no BN"), (True, "BN")):
+        learnt = [r for r in recs if r["config"]["bn"] == bn
+                  and r["config"]["options"].get("prior_split") is not None]
+        paid = []
+        for r in learnt:
+            cert = json.loads((out / r["result"]["certificate"]).read_text())
+            m = 50 * cert["selection"]["m"]
+            N = cert["mc_samples"]
+            penalty = cert["grid_penalty"]  # 2 ln j of its λ grid point
+            ub = mc_error_bound(cert["mc_error"], N, cert["delta_prime"] / m)
+            B = complexity(cert["kl"], cert["n"], cert["delta"] / m, cert["formula"], penalty)
+            paid.append(brentq_kl_inv(ub, B))
+            assert paid[-1] >= r["result"]["bound"]
+        row = next(r for r in data["bounds"] if r["BN"] == side
+                   and r["posterior"] == "tighter of diag / kfac")
+        assert row[col] == f"{np.mean(paid):.3g} ± {np.std(paid, ddof=1):.2g} (n=2)"
+        free = next(r for r in data["bounds"] if r["BN"] == side
+                    and r["prior"].startswith("data-free"))
+        assert free[col] == ""

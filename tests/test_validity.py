@@ -394,3 +394,80 @@ def test_learnt_prior_of_a_batchnorm_network_trains_with_its_batchnorm(monkeypat
     with torch.no_grad():
         ref = trained_bn.bn1(trained_bn.fc1(X))
     torch.testing.assert_close(X @ W.T + b, ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- audit fixes
+
+
+def test_non_finite_logits_count_as_errors():
+    """A NaN or infinite logit is an error, whatever argmax or the sign test would say."""
+    from kfacbound.losses import zero_one_errors
+
+    nan = float("nan")
+    logits = torch.tensor([[nan, 0.0, -1.0],  # argmax picks the NaN's index 0 = the label
+                           [2.0, 1.0, 0.0],  # finite and right
+                           [0.0, float("inf"), 0.0],  # argmax 1 = the label, but inf
+                           [0.0, 1.0, 3.0]])  # finite and wrong
+    y = torch.tensor([0, 0, 1, 0])
+    assert zero_one_errors(logits, y).tolist() == [True, False, True, True]
+    one = torch.tensor([[nan], [-1.0], [2.0]])  # NaN > 0 is False: reads as class 0 = label
+    assert zero_one_errors(one, torch.tensor([0, 0, 0])).tolist() == [True, False, True]
+
+
+def test_recompute_rejects_a_shared_prior_claim_for_a_learnt_prior(trained):
+    """Candidates that differ only in the posterior share nothing when the prior is learnt
+    (one prior training per candidate): claiming a shared prior would halve the price."""
+    X, y, init, model = trained
+    cert = certify_best(model, TensorDataset(X, y), [{"posterior": "diag"},
+                                                     {"posterior": "kfac"}],
+                        prior_split=0.5, prior_epochs=1, iterations=5, mc_passes=1,
+                        init_model=init, progress=False)
+    d = json.loads(json.dumps(cert))
+    assert d["selection"]["shared_prior"] is False
+    assert cf.recompute_certificate(d) == pytest.approx(d["bound"], abs=1e-12)
+    claimed = dict(d["selection"], shared_prior=True,
+                   delta_each=d["delta"], delta_prime_each=d["delta_prime"] / 2)
+    with pytest.raises(KfacboundError, match="shared prior"):
+        cf.recompute_certificate(dict(d, selection=claimed))
+
+
+def test_data_free_prior_refuses_w0_with_batchnorm_statistics():
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                              torch.nn.Linear(8, 3))
+    import copy
+
+    fresh = copy.deepcopy(net)
+    seen = copy.deepcopy(net).train()
+    with torch.no_grad():
+        seen(X)  # running statistics from the data
+    kw = dict(posterior="diag", iterations=1, mc_passes=1, progress=False)
+    with pytest.raises(KfacboundError, match="running statistics"):
+        cf.certify_checkpoint(net.eval(), TensorDataset(X, y), init_model=seen, **kw)
+    cert = cf.certify_checkpoint(net.eval(), TensorDataset(X, y), init_model=fresh, **kw)
+    assert 0 < cert["bound"] <= 1
+    # a learnt prior recomputes its statistics on the prior split: w0's do not matter there
+    cert = cf.certify_checkpoint(net.eval(), TensorDataset(X, y), init_model=seen,
+                                 prior_split=0.5, prior_epochs=1, **kw)
+    assert 0 < cert["bound"] <= 1
+
+
+def test_certificate_names_its_prior_centre_and_software(trained):
+    """center_sha256 against a hash of w0's [W | b] matrices formed here; the software record
+    carries the versions and the commit."""
+    import hashlib
+
+    X, y, init, model = trained
+    cert = cf.certify_checkpoint(model, TensorDataset(X, y), posterior="diag", iterations=1,
+                                 mc_passes=1, init_model=init, progress=False)
+    h = hashlib.sha256()
+    for name, m in init.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            h.update(name.encode())
+            h.update(torch.cat([m.weight, m.bias[:, None]], 1).detach().double().numpy().tobytes())
+    assert cert["prior"]["center_sha256"] == h.hexdigest()
+    other = cf.certify_checkpoint(model, TensorDataset(X, y), posterior="diag", iterations=1,
+                                  mc_passes=1, init_model=model, progress=False)
+    assert other["prior"]["center_sha256"] != h.hexdigest()
+    assert {"kfacbound", "torch", "kfacbound_commit"} <= set(cert["software"])

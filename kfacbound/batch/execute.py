@@ -18,7 +18,6 @@ import platform
 import sys
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +25,11 @@ import torch
 
 from ..errors import KfacboundError
 from ..io import to_jsonable
+from ..software import versions
 from .jobs import job_function
 from .records import Job, utc_now
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-_VERSIONS: dict[str, str] | None = None
-
-
-def versions() -> dict[str, str]:
-    """Versions of the software a record was produced with."""
-    global _VERSIONS
-    if _VERSIONS is None:
-        out = {"python": platform.python_version(), "platform": platform.platform()}
-        for dist in ("kfacbound", "torch", "backpack-for-pytorch", "numpy", "scipy"):
-            try:
-                out[dist] = metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                out[dist] = "missing"
-        _VERSIONS = out
-    return dict(_VERSIONS)
-
 
 def set_threads(threads: int | None) -> None:
     """Limit torch's intra-op threads (and OpenMP/MKL for libraries imported later)."""

@@ -175,6 +175,7 @@ def run_batch(
         info = {
             "name": spec.name if isinstance(spec, BatchSpec) else "batch",
             "description": spec.description if isinstance(spec, BatchSpec) else "",
+            "recipe_trials": spec.recipe_trials if isinstance(spec, BatchSpec) else 1,
             "spec_path": spec.path if isinstance(spec, BatchSpec) else None,
             "spec_text": spec.text if isinstance(spec, BatchSpec) else "",
             "command": command or " ".join(sys.argv),

@@ -12,6 +12,9 @@ Format (every key optional unless marked; unknown keys are errors)::
 
     name = "smoke"                 # a title for the report
     description = "..."            # free text for the report
+    recipe_trials = 3500           # the bound recipes' settings were chosen among this many
+                                   # certified on the same training data: the study page adds
+                                   # the bound paying for that choice (bound_after_trials)
     seeds = [0, 1]                 # training / analysis seeds (default [0])
     bn = [false, true]             # BatchNorm after every hidden layer: false, true or both
     checkpoints = ["runs/*.kfb"]   # optional: evaluate existing checkpoints (paths or globs,
@@ -90,7 +93,7 @@ from .records import Job
 from .records import job_key as job_key
 
 TOP_KEYS = ("name", "description", "seeds", "bn", "datasets", "architectures", "train",
-            "checkpoints", "analyses", "kinds")
+            "checkpoints", "analyses", "kinds", "recipe_trials")
 
 
 @dataclass
@@ -104,6 +107,7 @@ class BatchSpec:
     path: str | None = None
     description: str = ""
     kinds: dict[str, dict[str, str]] = field(default_factory=dict)
+    recipe_trials: int = 1
 
     def job(self, key: str) -> Job:
         for job in self.jobs:
@@ -533,8 +537,11 @@ def expand_spec(raw: dict[str, Any], where: str = "spec") -> BatchSpec:
                 if "file" in member.config["label"]:
                     config["label"] = dict(config["label"], file=member.config["label"]["file"])
                 add(config)
+    trials = raw.get("recipe_trials", 1)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise _fail(where, f"recipe_trials must be an integer ≥ 1, not {trials!r}")
     return BatchSpec(name=name, jobs=_cell_major(jobs), description=str(raw.get("description", "")),
-                     kinds=kinds)
+                     kinds=kinds, recipe_trials=trials)
 
 
 def _cell_major(jobs: list[Job]) -> list[Job]:

@@ -143,14 +143,33 @@ def _variant(r: dict[str, Any]) -> tuple[str, str]:
     return name, _prior(options)
 
 
-def bound_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows per (arch, posterior, prior, BN): mean ± sd over seeds of each certificate field."""
+def trials_column(trials: int) -> str:
+    return f"bound, {trials} settings tried"
+
+
+def bound_table(records: list[dict[str, Any]], batch_dir: Path | None = None,
+                trials: int = 1) -> list[dict[str, Any]]:
+    """Rows per (arch, posterior, prior, BN): mean ± sd over seeds of each certificate field.
+
+    ``trials`` > 1 (the spec's ``recipe_trials``: the learnt-prior recipes were chosen among that
+    many settings certified on the same training data) adds the column :func:`trials_column`:
+    each learnt-prior certificate's bound under the union bound over the settings,
+    :func:`kfacbound.bounds.certificate.bound_after_trials`, recomputed from the certificate
+    file in ``batch_dir``. Data-free rows are left empty there (their prior never saw data)."""
+    from ..bounds.certificate import bound_after_trials
+
     cells: dict[tuple[str, str, str, bool], list[dict[str, Any]]] = {}
     short: dict[tuple[str, str, str, bool], str] = {}
+    paid: dict[tuple[str, str, str, bool], list[float]] = {}
     for r in _ok(records, "bound"):
         key = (_label(r), *_variant(r), bool(r["config"]["bn"]))
         cells.setdefault(key, []).append(r["result"])
         short[key] = _short_prior(r["config"]["options"])
+        rel = (r.get("result") or {}).get("certificate")
+        if trials > 1 and batch_dir is not None and rel and (
+                r["config"]["options"].get("prior_split") is not None):
+            cert = json.loads((batch_dir / rel).read_text())
+            paid.setdefault(key, []).append(bound_after_trials(cert, trials))
     rows = []
     for (arch, post, prior, bn), res in cells.items():
         row: dict[str, Any] = {"arch": arch, "posterior": post, "prior": prior, "BN": _bn(bn),
@@ -158,6 +177,8 @@ def bound_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                "_short_prior": short[(arch, post, prior, bn)]}
         for field, name in BOUND_FIELDS:
             row[name] = _spread([x.get(field) for x in res])
+            if field == "bound" and trials > 1:
+                row[trials_column(trials)] = _spread(paid.get((arch, post, prior, bn), []))
         row["_mean_bound"] = mean_sd([x.get("bound") for x in res])[0]
         row["_mean_kl"] = mean_sd([x.get("kl") for x in res])[0]
         rows.append(row)
@@ -400,9 +421,11 @@ def _section(title: str, text: str, rows: list[dict[str, Any]], empty: str,
     return out
 
 
-def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None = None) -> Path:
+def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None = None,
+               trials: int | None = None) -> Path:
     """Write ``report_dir/study.md`` (+ ``study_*.csv``, ``study.json`` and ``study_*.png``, beside
-    the BatchNorm report's own files); return its path."""
+    the BatchNorm report's own files); return its path. ``trials``: the number of recipe
+    settings tried (:func:`bound_table`); None takes the spec's ``recipe_trials``."""
     batch_dir, out = Path(batch_dir), Path(report_dir)
     if not (batch_dir / "results.jsonl").exists():
         raise KfacboundError(f"{batch_dir} holds no results.jsonl: is it a batch --out directory?")
@@ -410,7 +433,9 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
     records = batch_records(batch_dir, only_latest_run=False)
     info = batch_info(batch_dir)
     train, curves = training_rows(records, batch_dir)
-    bounds = bound_table(records)
+    if trials is None:
+        trials = int(info.get("recipe_trials") or 1)
+    bounds = bound_table(records, batch_dir, trials)
     kl_layers = layer_kl_rows(records)
     anatomy = kl_anatomy_rows(records, batch_dir)
     cells = structure_cells(records, batch_dir)
@@ -450,7 +475,13 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
         "Mean ± sd over seeds; 0-1 error bounds at confidence 1 − δ − δ′ (δ = 0.025, "
         "δ′ = 0.01). BN networks are certified in their deployed form (eval-mode BN folded into "
         "the preceding layer). Every certificate is in `artifacts/` and recomputes from its JSON "
-        "(`kfacbound.bounds.certify.recompute_certificate`).",
+        "(`kfacbound.bounds.certify.recompute_certificate`)."
+        + (f" The learnt-prior recipes' settings were chosen among at most {trials} settings "
+           f"certified on the same training images, so the bound column alone does not pay "
+           f"for that choice; '{trials_column(trials)}' does, with a union bound over them "
+           f"(δ/{trials}, δ′/{trials} each, the same confidence; "
+           f"`kfacbound.bounds.bound_after_trials`, recomputed from each certificate). "
+           f"Data-free rows leave it empty." if trials > 1 else ""),
         bounds, "(no finished bound jobs)", figs["bounds"] and "study_bounds.png")
     parts += _section(
         "3. Per-layer KL: which layers pay for the bound",

@@ -325,7 +325,10 @@ def recompute_certificate(d: Mapping[str, Any]) -> float:
     Then returns kl⁻¹(kl⁻¹(ê_N, ln(1/δ′_c)/N), B) with B per ``d['formula']`` (default
     'maurer') at δ_c, where (δ_c, δ′_c) = (δ, δ′) or the selection's per-candidate budgets.
     Compare the result with ``d['bound']``. Fields missing from certificates written by older
-    versions are not checked.
+    versions are not checked. Not checkable from the JSON alone: that the curvature prior's
+    stored per-layer terms were taken at λ_j and τ (they need the prior's factors, which the
+    certificate does not hold), and that the prior centre is the one named by
+    ``prior.center_sha256`` (that needs w0 or the prior split).
     """
     grid = d.get("grid", {"c": GRID_C, "b": GRID_B})
     j = _integer(d["j"], "grid index j")
@@ -374,10 +377,12 @@ def recompute_certificate(d: Mapping[str, Any]) -> float:
     d_each, dp_each = delta, delta_prime
     if d.get("selection"):
         sel = d["selection"]
+        split = {"prior_split": (d.get("prior") or {}).get("split")}
         if "candidates" in sel and bool(sel["shared_prior"]) and not shares_prior(
-                {}, [c.get("options", {}) for c in sel["candidates"]]):
+                split, [c.get("options", {}) for c in sel["candidates"]]):
             raise KfacboundError("certificate selection claims a shared prior, but its "
-                                 "candidates differ in the prior or the formula")
+                                 "candidates differ in the prior or the formula, or the "
+                                 "prior is data-dependent (trained once per candidate)")
         d_each, dp_each = Selection.from_json(sel).budgets(delta, delta_prime)
         for key, val in (("delta_each", d_each), ("delta_prime_each", dp_each)):
             if key in sel and not math.isclose(float(sel[key]), val, rel_tol=1e-12):

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import KfacboundError
 from ..models import count_parameters
+from ..software import versions as software_versions
 from .certificate import (
     Certificate,
     certify_posterior,
@@ -69,6 +70,7 @@ from .prior import (
     DEFAULT_PRIOR_EPOCHS,
     PRIOR_KINDS,
     PRIOR_SCHEMES,
+    center_sha256,
     check_disjoint,
     curvature_prior,
     make_prior,
@@ -177,7 +179,8 @@ def _certify(model_or_ckpt: Any, data: Any, config: CertifyConfig,
         loss=inputs.loss,
         num_outputs=inputs.num_outputs,
         model_params=count_parameters(pd.start),
-        prior=pd.record,
+        prior=dict(pd.record, center_sha256=center_sha256(P)),
+        software=software_versions(),
         kl_start=kl_start,
         lambda_learned=float(P.lam.detach()),
         optimizer={"name": {"rmsprop": "RMSprop", "adam": "Adam"}[config.optimizer],

@@ -291,6 +291,42 @@ class PriorData:
         return self.start, self.X_post, self.y_post
 
 
+def center_sha256(P: nn.Module) -> str:
+    """sha256 of the prior's centre: each layer's path, then its W̃0 as float64 bytes, in the
+    prior's layer order ("zero" for a zero-centred layer). Lets a reader tell which prior mean a
+    certificate was computed against (e.g. before or after a change to prior training) and check
+    a recomputed prior against it."""
+    h = hashlib.sha256()
+    for path in P.paths:
+        h.update(path.encode())
+        c = P.center(path)
+        h.update(b"zero" if c is None else
+                 c.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_fresh_batchnorm(w0: nn.Module) -> None:
+    """Refuse a data-free prior centre w0 whose BatchNorm layers carry running statistics.
+
+    Folding eval-mode BN turns its running mean and variance into weights of w0 (SCIENCE.md §5),
+    so statistics gathered on data (``num_batches_tracked`` > 0, or μ ≠ 0, σ² ≠ 1) would make
+    the "data-free" prior depend on that data, possibly the bound set. Fresh BN (μ = 0, σ² = 1,
+    as every checkpoint of ``kfacbound train`` stores for w0) passes."""
+    bns = {id(m) for m in batchnorm_modules(w0)}
+    for name, m in w0.named_modules():
+        if id(m) not in bns:
+            continue
+        tracked = int(m.num_batches_tracked) if m.num_batches_tracked is not None else 0
+        fresh = (m.running_mean is None or bool((m.running_mean == 0).all())) and (
+            m.running_var is None or bool((m.running_var == 1).all()))
+        if tracked or not fresh:
+            raise KfacboundError(
+                f"w0's BatchNorm layer {name!r} carries running statistics ({tracked} batches "
+                "tracked): a data-free prior centred at it would depend on the data they came "
+                "from. Give w0 with fresh BatchNorm statistics (mean 0, variance 1) or learn "
+                "the prior on a split (--prior-split)")
+
+
 def prior_data(inputs: CertifyInputs, config: CertifyConfig) -> PriorData:
     """Split the training set for a data-dependent prior (if ``config.prior_split``), train the
     prior mean on the prior split, and record which data each quantity sees."""
@@ -300,6 +336,8 @@ def prior_data(inputs: CertifyInputs, config: CertifyConfig) -> PriorData:
     center, start = inputs.init_model, inputs.model
     X_post, y_post, Xp, yp = X, y, None, None
     pbb = config.prior_split is not None and config.prior_scheme == "pbb"
+    if config.prior_split is None and inputs.prior_net is not None:
+        check_fresh_batchnorm(inputs.prior_net)
     if config.prior_split is not None:
         if center is None:
             raise KfacboundError("--prior-split needs the initial weights w0 in the checkpoint")

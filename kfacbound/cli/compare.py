@@ -28,11 +28,15 @@ from ..errors import KfacboundError
 @click.option("--no-structure", is_flag=True, help="Checkpoints: bounds only.")
 @click.option("--workers", "-j", type=int, default=1, show_default=True,
               help="Checkpoints: analyses run at once.")
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="--batch: the learnt-prior recipes were chosen among this many settings "
+              "certified on the same data; the study page adds the bound paying for it "
+              "(bound_after_trials) [default: the spec's recipe_trials].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def command(checkpoints: tuple[str, ...], batch_dir: str | None, out: str, posterior: str,
             iterations: int | None, mc_passes: int | None, k: int | None,
             max_examples: int, no_structure: bool,
-            workers: int, progress: bool) -> None:
+            workers: int, trials: int | None, progress: bool) -> None:
     """Networks with and without BatchNorm side by side: certified bound, KL, stochastic-network
     errors, eigenspace overlap, rank-1 ratio, outlier counts, top eigenvalues, with PNG plots on
     one markdown page OUT/report.md.
@@ -53,7 +57,7 @@ def command(checkpoints: tuple[str, ...], batch_dir: str | None, out: str, poste
         from ..batch.study import study_page
 
         path = compare_batch(batch_dir, out)
-        click.echo(str(study_page(batch_dir, out)))
+        click.echo(str(study_page(batch_dir, out, trials=trials)))
     else:
         bound = {"posterior": posterior}
         if iterations is not None:
