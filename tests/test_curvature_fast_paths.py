@@ -79,6 +79,47 @@ def test_conv_factors_match_unfold_brute_force(kw, monkeypatch):
                                    rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cin, kw, shape", [
+    (1, dict(kernel_size=5, padding=2), (6, 28, 28)),  # LeNet-5's conv1
+    (6, dict(kernel_size=5), (5, 14, 14)),  # LeNet-5's conv2
+    (3, dict(kernel_size=(5, 4), padding=(1, 3), bias=False), (4, 9, 11)),
+    (2, dict(kernel_size=(4, 6), padding=(0, 2)), (3, 7, 12)),
+])
+def test_correlation_patch_gram_matches_unfold_brute_force(cin, kw, shape):
+    """The correlation route of the conv input factor (5×5 and larger kernels at stride 1):
+    against F.unfold's patches in float64, from float32 and float64 inputs, in one chunk of
+    examples and in several."""
+    conv = nn.Conv2d(cin, 4, **kw)
+    N, H, W = shape
+    g = torch.Generator().manual_seed(cin)
+    x = torch.randn(N, cin, H, W, generator=g, dtype=torch.float64)
+    assert factors.correlation_pays(cin, conv.kernel_size, conv.stride, conv.dilation,
+                                    (H + 2 * conv.padding[0], W + 2 * conv.padding[1]), 4)
+    u = F.unfold(x, conv.kernel_size, padding=conv.padding)
+    T = u.shape[-1]
+    rows = u.transpose(1, 2).reshape(-1, u.shape[1])
+    if conv.bias is not None:
+        rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], 1)
+    ref = rows.T @ rows / T
+    torch.testing.assert_close(K.input_factor(conv.double(), x), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(K.input_factor(conv.float(), x.float()), ref, rtol=1e-5,
+                               atol=1e-4)
+    xp = F.pad(x, [p for p in reversed(conv.padding) for _ in (0, 1)])
+    chunked = factors.patch_gram_correlation(xp, conv.kernel_size, conv.bias is not None,
+                                             chunk=2)
+    torch.testing.assert_close(chunked / T, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_correlation_route_is_taken_only_where_it_pays():
+    big = (32, 32)
+    assert factors.correlation_pays(6, (5, 5), (1, 1), (1, 1), big, 4)
+    assert not factors.correlation_pays(16, (3, 3), (1, 1), (1, 1), big, 4)  # 9 taps
+    assert not factors.correlation_pays(6, (5, 5), (2, 2), (1, 1), big, 4)  # strided
+    assert not factors.correlation_pays(6, (5, 5), (1, 1), (2, 2), big, 4)  # dilated
+    assert not factors.correlation_pays(6, (5, 5, 5), (1,) * 3, (1,) * 3, (8,) * 3, 4)  # 3-D
+    assert not factors.correlation_pays(256, (5, 5), (1, 1), (1, 1), big, 4)  # memory
+
+
 @pytest.mark.parametrize("method", ["kflr", "kfac"])
 def test_column_loop_equals_batched_backward(method):
     torch.manual_seed(0)

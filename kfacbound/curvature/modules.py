@@ -384,10 +384,13 @@ class ConvRule(CurvatureRule):
                      out: torch.Tensor | None = None, *, upper: bool = False) -> torch.Tensor:
         """``out`` (float64) += (1/T) Σ_{i,t} ũ ũᵀ for the patches ũ = [u; 1].
 
-        Chunks of b examples (b·T ≈ GRAM_CHUNK rows) of the strided :meth:`patch_view` are
-        copied straight into a [D, b·T] matrix (3–5× faster than ``F.unfold`` followed by a
-        transposed copy, measured on LeNet-5's layers), whose Gram product is formed in the
-        input's dtype by :func:`~.factors.gram_upper_` and added into the float64 accumulator.
+        Kernels of 16 taps or more at stride and dilation 1 (LeNet-5's 5×5 layers) take the
+        correlation form, :func:`~.factors.patch_gram_correlation` (no patches formed), when
+        :func:`~.factors.correlation_pays`. Otherwise chunks of b examples (b·T ≈ GRAM_CHUNK
+        rows) of the strided :meth:`patch_view` are copied straight into a [D, b·T] matrix
+        (3–5× faster than ``F.unfold`` followed by a transposed copy, measured on LeNet-5's
+        layers), whose Gram product is formed in the input's dtype by
+        :func:`~.factors.gram_upper_` and added into the float64 accumulator.
         """
         a = a.detach()
         view = self.patch_view(module, a)
@@ -397,6 +400,13 @@ class ConvRule(CurvatureRule):
         size = D + int(module.bias is not None)
         if out is None:
             out = torch.zeros(size, size, dtype=torch.float64, device=a.device)
+        padded = tuple(L + 2 * p for L, p in zip(a.shape[2:], module.padding, strict=True))
+        if factors.correlation_pays(a.shape[1], module.kernel_size, module.stride,
+                                    module.dilation, padded, a.element_size()):
+            pad = [p for p in reversed(module.padding) for _ in (0, 1)]
+            xp = F.pad(a, pad) if any(pad) else a
+            return out.add_(factors.patch_gram_correlation(
+                xp, module.kernel_size, module.bias is not None), alpha=1.0 / T)
         step = max(1, factors.GRAM_CHUNK // T)
         tmp = torch.zeros(D, D, dtype=a.dtype, device=a.device)
         lead = (slice(None),) * (1 + nd)
