@@ -136,32 +136,29 @@ def correlation_pays(channels: int, kernel: tuple[int, ...], stride: tuple[int, 
     if len(kernel) != 2 or any(s != 1 for s in stride) or any(d != 1 for d in dilation):
         return False
     kh, kw = kernel
-    shifts = kh * (2 * kw - 1) - (kw - 1)
-    return (kh * kw >= CORRELATION_MIN_TAPS
-            and shifts * padded[0] * padded[1] * channels ** 2 * itemsize <= CORRELATION_MEMORY)
+    images = kh * (2 * kw - 1) * padded[0] * padded[1] * channels ** 2
+    return kh * kw >= CORRELATION_MIN_TAPS and images * (8 + itemsize) <= CORRELATION_MEMORY
 
 
-def _shift_index(C: int, kh: int, kw: int) -> tuple:
-    """The shifts δ = (di, dj) of one half-plane (di > 0, or di = 0 and dj ≥ 0) and, for every
-    pair of kernel taps u = (i, j), u + δ inside the kernel: (shift, i, j) and the flat row
-    (c, u) and column (c', u + δ) indices of the patch Gram, for all channel pairs."""
+def _shift_index(C: int, kh: int, kw: int) -> tuple[torch.Tensor, ...]:
+    """For every pair of kernel taps u = (i, j) and u′ = u + δ with δ = (di, dj) in the
+    half-plane di > 0 or (di = 0, dj ≥ 0): (di, dj + kw − 1, i, j) and the flat row (c, u) and
+    column (c′, u′) indices of the patch Gram for all channel pairs."""
     key = (C, kh, kw)
     if key not in _SHIFT_INDEX:
-        shifts = [(di, dj) for di in range(kh) for dj in range(-(kw - 1), kw) if di or dj >= 0]
-        s_, i_, j_, r_, c_ = [], [], [], [], []
-        for s, (di, dj) in enumerate(shifts):
-            for i in range(kh - di):
-                for j in range(max(0, -dj), min(kw, kw - dj)):
-                    s_.append(s)
-                    i_.append(i)
-                    j_.append(j)
-                    r_.append(i * kw + j)
-                    c_.append((i + di) * kw + j + dj)
+        cols_: list[list[int]] = [[], [], [], [], [], []]
+        for di in range(kh):
+            for dj in range(-(kw - 1), kw):
+                if di == 0 and dj < 0:
+                    continue
+                for i in range(kh - di):
+                    for j in range(max(0, -dj), min(kw, kw - dj)):
+                        for lst, v in zip(cols_, (di, dj + kw - 1, i, j, i * kw + j,
+                                                  (i + di) * kw + j + dj), strict=True):
+                            lst.append(v)
         ch = torch.arange(C) * (kh * kw)
-        rows = torch.tensor(r_)[:, None] + ch[None]
-        cols = torch.tensor(c_)[:, None] + ch[None]
-        _SHIFT_INDEX[key] = (shifts, torch.tensor(s_), torch.tensor(i_), torch.tensor(j_),
-                             rows, cols)
+        di_, dj_, i_, j_, r_, c_ = (torch.tensor(v) for v in cols_)
+        _SHIFT_INDEX[key] = (di_, dj_, i_, j_, r_[:, None] + ch[None], c_[:, None] + ch[None])
     return _SHIFT_INDEX[key]
 
 
@@ -171,34 +168,36 @@ def patch_gram_correlation(xp: torch.Tensor, kernel: tuple[int, int], bias: bool
     patches ũ of a stride-1, dilation-1 2-D convolution over the zero-padded input ``xp``
     [N, C, H, W], without forming the patches.
 
-    Entry ((c, u), (c', u′)) is Σ_n Σ_{t ∈ out grid} x_c(t + u) x_c′(t + u′): for the shift
+    Entry ((c, u), (c′, u′)) is Σ_n Σ_{t ∈ out grid} x_c(t + u) x_c′(t + u′): for the shift
     δ = u′ − u it is the sum, over the Ho × Wo window at u, of the product image
-    P_δ[c, c′](s) = Σ_n x_c(s) x_c′(s + δ). Each P_δ is one batched GEMM over pixels (the input
-    laid out [H·W, C, N], so that a shift is an offset along the flat pixel index: no copy);
-    the window sums come from running sums along each axis; the half-plane of shifts gives the
-    rest by symmetry. Multiply-adds per example: (kh(2kw − 1) − kw + 1) / 2-ish shifts × H·W ×
-    C², against D² · Ho·Wo / 2 for the patch Gram: 4× fewer for LeNet-5's 5×5 layers, about
-    as many for 3×3 (:func:`correlation_pays` decides). Sums over examples run in ``xp``'s
-    dtype over chunks of at most ``chunk`` examples, then in float64."""
+    P_δ[c, c′](s) = Σ_n x_c(s) x_c′(s + δ). With the input laid out [H·W, C, N], a shift is an
+    offset along the flat pixel index, so the 2kw − 1 shifts of one row offset di are one
+    batched GEMM over pixels against a sliding-window view (no copy); the window sums come from
+    running sums along each axis; the half-plane of shifts gives the rest by symmetry. (Pixels
+    paired across a row end are formed but never summed: a window's pixels stay in their row.)
+    Multiply-adds per example: kh(2kw − 1) H·W C², against D² Ho·Wo / 2 for the patch Gram:
+    2–4× fewer for LeNet-5's 5×5 layers, more for 3×3 (:func:`correlation_pays` decides). Sums
+    over examples run in ``xp``'s dtype over chunks of at most ``chunk`` examples, then in
+    float64."""
     N, C, H, W = xp.shape
     kh, kw = kernel
-    Ho, Wo = H - kh + 1, W - kw + 1
-    shifts, s_i, i_i, j_i, rows, cols = _shift_index(C, kh, kw)
+    Ho, Wo, HW, span = H - kh + 1, W - kw + 1, H * W, 2 * kw - 1
+    di_i, dj_i, i_i, j_i, rows, cols = _shift_index(C, kh, kw)
     dev = xp.device
-    P = torch.zeros(len(shifts), H * W, C, C, dtype=torch.float64, device=dev)
-    part = torch.empty(len(shifts), H * W, C, C, dtype=xp.dtype, device=dev)
-    xsum = torch.zeros(H * W, C, dtype=torch.float64, device=dev)
+    P = torch.zeros(kh, HW, C, span * C, dtype=torch.float64, device=dev)
+    part = torch.zeros(kh, HW, C, span * C, dtype=xp.dtype, device=dev)
+    xsum = torch.zeros(HW, C, dtype=torch.float64, device=dev)
     for start in range(0, N, chunk):
-        X = xp[start:start + chunk].permute(2, 3, 1, 0).reshape(H * W, C, -1).contiguous()
-        part.zero_()
-        for s, (di, dj) in enumerate(shifts):
-            off = di * W + dj
-            r0, r1 = max(0, -off), H * W - max(0, off)
-            if C == 1:
-                torch.linalg.vecdot(X[r0:r1, 0], X[r0 + off:r1 + off, 0],
-                                    out=part[s, r0:r1, 0, 0])
-            else:
-                torch.bmm(X[r0:r1], X[r0 + off:r1 + off].transpose(1, 2), out=part[s, r0:r1])
+        X = xp[start:start + chunk].permute(2, 3, 1, 0).reshape(HW, C, -1)
+        n = X.shape[2]
+        Xpad = torch.zeros(HW + 2 * (kw - 1), C, n, dtype=xp.dtype, device=dev)
+        Xpad[kw - 1:kw - 1 + HW] = X
+        X = Xpad[kw - 1:kw - 1 + HW]
+        for di in range(kh):  # pixels r < HW − di·W pair with r + di·W + dj, |dj| < kw
+            r1 = HW - di * W
+            window = Xpad.as_strided((r1, span * C, n), (C * n, n, 1),
+                                     Xpad.storage_offset() + di * W * C * n)
+            torch.bmm(X[:r1], window.transpose(1, 2), out=part[di, :r1])
         P += part
         if bias:
             xsum += X.sum(2)
@@ -212,8 +211,8 @@ def patch_gram_correlation(xp: torch.Tensor, kernel: tuple[int, int], bias: bool
                        hdim + 1)
         return cs.narrow(hdim + 1, Wo, kw) - cs.narrow(hdim + 1, 0, kw)
 
-    sums = box(P.reshape(len(shifts), H, W, C, C), 1)  # [shifts, kh, kw, C, C]
-    vals = sums[s_i, i_i, j_i]  # [M, C, C]: entry ((c, u), (c', u + δ))
+    sums = box(P.reshape(kh, H, W, C, span, C), 1)  # [di, i, j, C, dj + kw − 1, C]
+    vals = sums[di_i, i_i, j_i, :, dj_i, :]  # [M, C, C]: entry ((c, u), (c′, u + δ))
     D = C * kh * kw
     out = torch.zeros(D + int(bias), D + int(bias), dtype=torch.float64, device=dev)
     rows, cols = rows.to(dev), cols.to(dev)
