@@ -7,6 +7,7 @@ to prior training).
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -17,18 +18,28 @@ _VERSIONS: dict[str, str] | None = None
 
 def git_commit() -> str | None:
     """The commit of the git checkout this package is imported from (suffixed "+dirty" when
-    tracked files differ from it), or None when it is not a checkout or git is missing."""
-    root = Path(__file__).resolve().parent
+    tracked files differ from it), or None when the package does not sit at the top of a
+    checkout (an installed copy, even inside another repository) or git is missing. Read-only:
+    no optional index locks, so a commit running beside a batch is not disturbed."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env["GIT_OPTIONAL_LOCKS"] = "0"
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args],
+                              capture_output=True, text=True, timeout=10, env=env)
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode != 0:
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
             return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                "--untracked-files=no", "--", "."], capture_output=True,
-                               text=True, timeout=10)
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "kfacbound")
     except (OSError, subprocess.SubprocessError):
         return None
+    if head.returncode != 0:
+        return None
+    if dirty.returncode != 0:
+        return head.stdout.strip() + "+unknown"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 

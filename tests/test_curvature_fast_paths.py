@@ -108,6 +108,10 @@ def test_correlation_patch_gram_matches_unfold_brute_force(cin, kw, shape):
     chunked = factors.patch_gram_correlation(xp, conv.kernel_size, conv.bias is not None,
                                              chunk=2)
     torch.testing.assert_close(chunked / T, ref, rtol=1e-12, atol=1e-12)
+    # two batches into one accumulator, upper triangle only, completed once
+    acc = K.input_factor(conv.double(), x[:2], upper=True)
+    K.input_factor(conv, x[2:], acc, upper=True)
+    torch.testing.assert_close(factors.symmetrize_upper_(acc), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_correlation_route_is_taken_only_where_it_pays():

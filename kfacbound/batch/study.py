@@ -151,25 +151,31 @@ def bound_table(records: list[dict[str, Any]], batch_dir: Path | None = None,
                 trials: int = 1) -> list[dict[str, Any]]:
     """Rows per (arch, posterior, prior, BN): mean ± sd over seeds of each certificate field.
 
-    ``trials`` > 1 (the spec's ``recipe_trials``: the learnt-prior recipes were chosen among that
-    many settings certified on the same training data) adds the column :func:`trials_column`:
-    each learnt-prior certificate's bound under the union bound over the settings,
+    ``trials`` > 1 (the spec's ``recipe_trials``: the recipes were chosen among that many
+    settings certified on the same training data) adds the column :func:`trials_column`: each
+    certificate's bound under the union bound over the settings,
     :func:`kfacbound.bounds.certificate.bound_after_trials`, recomputed from the certificate
-    file in ``batch_dir``. Data-free rows are left empty there (their prior never saw data)."""
+    file in ``batch_dir`` (data-free rows too: their optimiser settings are among the settings
+    tried). A certificate file that is missing or does not recompute is left out of that
+    column, and the row's ``trials_note`` says how many were."""
     from ..bounds.certificate import bound_after_trials
 
     cells: dict[tuple[str, str, str, bool], list[dict[str, Any]]] = {}
     short: dict[tuple[str, str, str, bool], str] = {}
     paid: dict[tuple[str, str, str, bool], list[float]] = {}
+    missed: dict[tuple[str, str, str, bool], int] = {}
     for r in _ok(records, "bound"):
         key = (_label(r), *_variant(r), bool(r["config"]["bn"]))
         cells.setdefault(key, []).append(r["result"])
         short[key] = _short_prior(r["config"]["options"])
         rel = (r.get("result") or {}).get("certificate")
-        if trials > 1 and batch_dir is not None and rel and (
-                r["config"]["options"].get("prior_split") is not None):
-            cert = json.loads((batch_dir / rel).read_text())
-            paid.setdefault(key, []).append(bound_after_trials(cert, trials))
+        if trials > 1 and batch_dir is not None:
+            try:
+                cert = json.loads((batch_dir / str(rel)).read_text())
+                paid.setdefault(key, []).append(bound_after_trials(cert, trials))
+            except (OSError, ValueError, KeyError, KfacboundError):
+                paid.setdefault(key, [])
+                missed[key] = missed.get(key, 0) + 1
     rows = []
     for (arch, post, prior, bn), res in cells.items():
         row: dict[str, Any] = {"arch": arch, "posterior": post, "prior": prior, "BN": _bn(bn),
@@ -179,6 +185,9 @@ def bound_table(records: list[dict[str, Any]], batch_dir: Path | None = None,
             row[name] = _spread([x.get(field) for x in res])
             if field == "bound" and trials > 1:
                 row[trials_column(trials)] = _spread(paid.get((arch, post, prior, bn), []))
+                if missed.get((arch, post, prior, bn)):
+                    row["trials_note"] = (f"{missed[(arch, post, prior, bn)]} certificate(s) "
+                                          "missing or not recomputable")
         row["_mean_bound"] = mean_sd([x.get("bound") for x in res])[0]
         row["_mean_kl"] = mean_sd([x.get("kl") for x in res])[0]
         rows.append(row)
@@ -476,12 +485,12 @@ def study_page(batch_dir: str | Path, report_dir: str | Path, title: str | None 
         "δ′ = 0.01). BN networks are certified in their deployed form (eval-mode BN folded into "
         "the preceding layer). Every certificate is in `artifacts/` and recomputes from its JSON "
         "(`kfacbound.bounds.certify.recompute_certificate`)."
-        + (f" The learnt-prior recipes' settings were chosen among at most {trials} settings "
+        + (f" The recipes' settings were chosen among at most {trials} settings "
            f"certified on the same training images, so the bound column alone does not pay "
            f"for that choice; '{trials_column(trials)}' does, with a union bound over them "
            f"(δ/{trials}, δ′/{trials} each, the same confidence; "
-           f"`kfacbound.bounds.bound_after_trials`, recomputed from each certificate). "
-           f"Data-free rows leave it empty." if trials > 1 else ""),
+           f"`kfacbound.bounds.bound_after_trials`, recomputed from each certificate; the "
+           f"data-free rows' optimiser settings are among them too)." if trials > 1 else ""),
         bounds, "(no finished bound jobs)", figs["bounds"] and "study_bounds.png")
     parts += _section(
         "3. Per-layer KL: which layers pay for the bound",

@@ -137,7 +137,8 @@ def correlation_pays(channels: int, kernel: tuple[int, ...], stride: tuple[int, 
         return False
     kh, kw = kernel
     images = kh * (2 * kw - 1) * padded[0] * padded[1] * channels ** 2
-    return kh * kw >= CORRELATION_MIN_TAPS and images * (8 + itemsize) <= CORRELATION_MEMORY
+    # P (float64), the chunk's products (itemsize) and the running sums' float64 copies
+    return kh * kw >= CORRELATION_MIN_TAPS and images * (3 * 8 + itemsize) <= CORRELATION_MEMORY
 
 
 def _shift_index(C: int, kh: int, kw: int) -> tuple[torch.Tensor, ...]:
