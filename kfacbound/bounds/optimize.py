@@ -322,7 +322,8 @@ def optimize_posterior(
             log.kl.append(float(kl.detach()))
             log.lam.append(float(prior.lam.detach()))
             log.bound_estimate.append(est)
-            bar.set_postfix(sur=f"{r:.4f}", kl=f"{log.kl[-1]:.0f}",
+            # (the float32 training KL of Q ≈ P can round below 0; the certificate's is float64)
+            bar.set_postfix(sur=f"{r:.4f}", kl=f"{max(log.kl[-1], 0.0):.0f}",
                             lam=f"{log.lam[-1]:.2e}", bound=f"{est:.4f}")
     posterior.eval()
     return log
