@@ -143,6 +143,13 @@ def _variant(r: dict[str, Any]) -> tuple[str, str]:
     return name, _prior(options)
 
 
+def _certificate(batch_dir: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The certificate JSON a bound record points to in ``batch_dir``, or None without one."""
+    rel = (record.get("result") or {}).get("certificate")
+    path = batch_dir / rel if rel else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
 def trials_column(trials: int) -> str:
     return f"bound, {trials} settings tried"
 
@@ -168,13 +175,13 @@ def bound_table(records: list[dict[str, Any]], batch_dir: Path | None = None,
         key = (_label(r), *_variant(r), bool(r["config"]["bn"]))
         cells.setdefault(key, []).append(r["result"])
         short[key] = _short_prior(r["config"]["options"])
-        rel = (r.get("result") or {}).get("certificate")
         if trials > 1 and batch_dir is not None:
             try:
-                cert = json.loads((batch_dir / str(rel)).read_text())
+                cert = _certificate(batch_dir, r)
+                if cert is None:
+                    raise FileNotFoundError(r["key"])
                 paid.setdefault(key, []).append(bound_after_trials(cert, trials))
             except (OSError, ValueError, KeyError, KfacboundError):
-                paid.setdefault(key, [])
                 missed[key] = missed.get(key, 0) + 1
     rows = []
     for (arch, post, prior, bn), res in cells.items():
@@ -184,10 +191,10 @@ def bound_table(records: list[dict[str, Any]], batch_dir: Path | None = None,
         for field, name in BOUND_FIELDS:
             row[name] = _spread([x.get(field) for x in res])
             if field == "bound" and trials > 1:
-                row[trials_column(trials)] = _spread(paid.get((arch, post, prior, bn), []))
-                if missed.get((arch, post, prior, bn)):
-                    row["trials_note"] = (f"{missed[(arch, post, prior, bn)]} certificate(s) "
-                                          "missing or not recomputable")
+                key = (arch, post, prior, bn)
+                row[trials_column(trials)] = _spread(paid.get(key, []))
+                if missed.get(key):
+                    row["trials_note"] = f"{missed[key]} certificate(s) missing or not recomputable"
         row["_mean_bound"] = mean_sd([x.get("bound") for x in res])[0]
         row["_mean_kl"] = mean_sd([x.get("kl") for x in res])[0]
         rows.append(row)
@@ -234,10 +241,9 @@ def kl_anatomy_rows(records: list[dict[str, Any]], batch_dir: Path) -> list[dict
 
     cells: dict[tuple[str, str, str, bool], list[dict[str, float]]] = {}
     for r in _ok(records, "bound"):
-        rel = (r.get("result") or {}).get("certificate")
-        if not rel or not (batch_dir / rel).exists():
+        cert = _certificate(batch_dir, r)
+        if cert is None:
             continue
-        cert = json.loads((batch_dir / rel).read_text())
         a = kl_anatomy(cert)
         if a is None:
             continue

@@ -352,13 +352,19 @@ class ConvRule(CurvatureRule):
                   groups=module.groups, bias=True)
         return _with_zero_bias(new, module)
 
-    def patch_view(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-        """The input patches as a strided view [C_in, *kernel, N, *out_positions] (no copy
-        beyond the zero padding); in 2-D entry (c, i, j, n, p, q) is
-        x_pad[n, c, p·s_h + i·d_h, q·s_w + j·d_w], i.e. ``F.unfold(a)`` [N, D, T] with
-        D = (c, i, j) in ``weight.reshape(out, -1)`` order."""
+    @staticmethod
+    def pad_input(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        """The layer input with the convolution's zero padding applied (``a`` itself without)."""
         pad = [p for p in reversed(module.padding) for _ in (0, 1)]
-        xp = F.pad(a, pad) if any(pad) else a
+        return F.pad(a, pad) if any(pad) else a
+
+    def patch_view(self, module: nn.Module, a: torch.Tensor, *,
+                   padded: bool = False) -> torch.Tensor:
+        """The input patches as a strided view [C_in, *kernel, N, *out_positions] (no copy
+        beyond the zero padding; ``padded``: ``a`` is already :meth:`pad_input`'s result); in
+        2-D entry (c, i, j, n, p, q) is x_pad[n, c, p·s_h + i·d_h, q·s_w + j·d_w], i.e.
+        ``F.unfold(a)`` [N, D, T] with D = (c, i, j) in ``weight.reshape(out, -1)`` order."""
+        xp = a if padded else self.pad_input(module, a)
         N, C, *size = xp.shape
         k, s, d = module.kernel_size, module.stride, module.dilation
         out = [(L - dd * (kk - 1) - 1) // ss + 1 for L, kk, ss, dd in zip(size, k, s, d,
@@ -392,19 +398,16 @@ class ConvRule(CurvatureRule):
         layers), whose Gram product is formed in the input's dtype by
         :func:`~.factors.gram_upper_` and added into the float64 accumulator.
         """
-        a = a.detach()
-        view = self.patch_view(module, a)
+        xp = self.pad_input(module, a.detach())  # padded once, for either route
+        view = self.patch_view(module, xp, padded=True)
         nd = self.dims
         N = view.shape[1 + nd]
         D, T = math.prod(view.shape[:1 + nd]), math.prod(view.shape[2 + nd:])
         size = D + int(module.bias is not None)
         if out is None:
             out = torch.zeros(size, size, dtype=torch.float64, device=a.device)
-        padded = tuple(L + 2 * p for L, p in zip(a.shape[2:], module.padding, strict=True))
-        if factors.correlation_pays(a.shape[1], module.kernel_size, module.stride,
-                                    module.dilation, padded, a.element_size()):
-            pad = [p for p in reversed(module.padding) for _ in (0, 1)]
-            xp = F.pad(a, pad) if any(pad) else a
+        if factors.correlation_pays(xp.shape[1], module.kernel_size, module.stride,
+                                    module.dilation, tuple(xp.shape[2:]), xp.element_size()):
             return out.add_(factors.patch_gram_correlation(
                 xp, module.kernel_size, module.bias is not None), alpha=1.0 / T)
         step = max(1, factors.GRAM_CHUNK // T)
